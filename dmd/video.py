@@ -1,0 +1,98 @@
+"""Video files: one reader (decord, or PyAV where decord has no wheel) and one H.264 writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+from dmd.io import atomic_path
+
+try:  # decord has no wheels for ARM Linux or Apple silicon
+    import decord
+
+    decord.bridge.set_bridge("native")
+except ImportError:  # pragma: no cover - exercised only where decord is missing
+    decord = None
+
+
+class VideoReadError(RuntimeError):
+    """A file that is not a readable video; the message says why."""
+
+
+def video_info(path: str | Path) -> tuple[int, int, int, float]:
+    """(frames, height, width, fps) of a video file."""
+    path = Path(path)
+    _check_file(path)
+    if decord is not None:
+        try:
+            vr = decord.VideoReader(str(path), num_threads=1)
+            h, w = vr[0].shape[:2]
+            return len(vr), h, w, float(vr.get_avg_fps())
+        except Exception as e:  # decord raises its own DECORDError or RuntimeError
+            raise VideoReadError(
+                f"{path}: cannot decode ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
+            ) from e
+    frames = read_video(path)
+    with av.open(str(path)) as c:
+        fps = float(c.streams.video[0].average_rate or 0)
+    return frames.shape[0], frames.shape[1], frames.shape[2], fps
+
+
+def read_video(path: str | Path, indices: list[int] | None = None) -> np.ndarray:
+    """Frames as uint8 (T, H, W, 3); `indices` selects frames (all when None)."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        if decord is not None:
+            vr = decord.VideoReader(str(path), num_threads=1)
+            idx = list(range(len(vr))) if indices is None else list(indices)
+            if idx and max(idx) >= len(vr):
+                raise VideoReadError(f"{path}: has {len(vr)} frames, frame {max(idx)} was asked for")
+            return vr.get_batch(idx).asnumpy()
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        if not frames:
+            raise VideoReadError(f"{path}: no video frames")
+        stack = np.stack(frames)
+        if indices is not None:
+            if max(indices) >= len(stack):
+                raise VideoReadError(f"{path}: has {len(stack)} frames, frame {max(indices)} was asked for")
+            stack = stack[list(indices)]
+        return stack
+    except VideoReadError:
+        raise
+    except Exception as e:
+        raise VideoReadError(
+            f"{path}: cannot decode ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
+        ) from e
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:
+    """Write uint8 (T, H, W, 3) frames as an H.264 mp4 (yuv420p), atomically. Sizes must be even."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    t, h, w, _ = frames.shape
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4") as out:
+            stream = out.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+    return path
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoReadError(f"{path}: no such file")
+    if not path.is_file():
+        raise VideoReadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"{path}: empty file (0 bytes)")

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. One flow per stage, the `dmd-pipeline` parent flow and deployments."""

@@ -1,0 +1,104 @@
+"""The `dmd` command. Each stage command runs that stage's Prefect flow; the others call the library directly.
+
+Every stage command takes `--params FILE` (default params.yaml) and repeatable `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dmd.config import ConfigError
+
+# command -> "module:function"; modules are imported only when their command runs
+HANDLERS = {
+    "toy-teacher": "flows.toy_teacher:main",
+    "generate": "flows.generate:main",
+    "backfill": "flows.generate:backfill_main",
+    "cache": "flows.cache:main",
+    "train": "flows.train:main",
+    "evaluate": "flows.evaluate:main",
+    "pipeline": "flows.pipeline:main",
+    "serve": "flows.pipeline:serve_main",
+    "sample": "dmd.sample:main",
+    "judge": "dmd.toy.judge:main",
+}
+
+
+def _settings(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, typed and validated like the file (repeatable)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="check or import settings")
+    csub = config.add_subparsers(dest="config_command", required=True)
+    v = csub.add_parser("validate", help="validate a params file; one message per problem")
+    v.add_argument("file", nargs="?", default="params.yaml")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    imp = csub.add_parser("import-simpletuner", help="turn a SimpleTuner-style config.json into params.yaml")
+    imp.add_argument("config_json")
+    imp.add_argument("--backend", help="its multidatabackend.json")
+    imp.add_argument("-o", "--output", help="write here (default: print to stdout)")
+
+    _settings(sub.add_parser("toy-teacher", help="train the toy world's tiny Wan teacher"))
+    g = _settings(sub.add_parser("generate", help="generate teacher videos, sharded and resumable"))
+    g.add_argument("--shards", help="A:B, the shard range to generate (default: all missing)")
+    b = _settings(
+        sub.add_parser("backfill", help="schedule generation runs for a shard range on a Prefect server")
+    )
+    b.add_argument("--shards", required=True, help="A:B")
+    b.add_argument("--per-run", type=int, default=1, help="shards per flow run")
+    b.add_argument("--start-at", help="ISO time of the first run (default: now)")
+    b.add_argument("--every", default="0s", help="spacing between runs, e.g. 10m, 1h (default: all at once)")
+    _settings(sub.add_parser("cache", help="encode VAE latents and T5 embeddings into the cache"))
+    _settings(sub.add_parser("train", help="DMD-train the few-step student"))
+    _settings(sub.add_parser("evaluate", help="compare student and teacher: speed, quality, report"))
+    pl = _settings(sub.add_parser("pipeline", help="run the whole DAG (dvc repro) as the dmd-pipeline flow"))
+    pl.add_argument("--target", default=None, help="stop after this stage (default: all)")
+    _settings(
+        sub.add_parser("serve", help="serve the deployments (dmd-pipeline/default, backfill) with a runner")
+    )
+
+    s = _settings(sub.add_parser("sample", help="generate videos with a trained student"))
+    s.add_argument("--student", required=True, help="the exported student directory")
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output", default="samples", help="folder for the mp4s")
+
+    j = sub.add_parser("judge", help="score toy-world videos against their captions")
+    j.add_argument("videos", nargs="+", help="mp4 files")
+    j.add_argument("--prompts", nargs="+", help="one caption per video, or one .txt/.json file of captions")
+    j.add_argument("--params", default="params.yaml", help="for the toy world's settings")
+    j.add_argument("--output", help="write the JSON here as well as printing it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            from dmd import simpletuner
+
+            return simpletuner.config_command(args)
+        module, func = HANDLERS[args.command].split(":")
+        return getattr(importlib.import_module(module), func)(args) or 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over the `dmd` library: I/O units, retries, concurrency; no algorithm."""
