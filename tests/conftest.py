@@ -1,0 +1,67 @@
+"""Test environment: offline, no telemetry, a private Prefect home; shared tiny-model fixtures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = Path(tempfile.mkdtemp(prefix="dmd-tests-"))
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    HF_HOME=str(_HOME / "hf"),
+    WANDB_MODE="disabled",
+    WANDB_DIR=str(_HOME / "wandb"),
+    DO_NOT_TRACK="1",
+    PREFECT_HOME=str(_HOME / "prefect"),
+    PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    PREFECT_LOGGING_LEVEL="WARNING",
+    PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    DVC_NO_ANALYTICS="1",
+    TOKENIZERS_PARALLELISM="false",
+)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory) -> Path:
+    """A tiny diffusers Wan directory (random weights, local tokenizer), built once per test session."""
+    from dmd.tiny import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan") / "tiny-wan")
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path, tiny_wan_dir) -> Path:
+    """tests/fixtures/tiny.yaml with the model pointed at the tiny Wan and outputs under tmp_path."""
+    import yaml
+
+    raw = yaml.safe_load((FIXTURES / "tiny.yaml").read_text())
+    raw["model"]["pretrained_model_name_or_path"] = str(tiny_wan_dir)
+    for section, key in [
+        ("generate", "output_dir"),
+        ("cache", "output_dir"),
+        ("train", "output_dir"),
+        ("train", "checkpoint_dir"),
+        ("evaluate", "metrics_path"),
+        ("evaluate", "report_dir"),
+        ("evaluate", "videos_dir"),
+    ]:
+        raw[section][key] = str(tmp_path / raw[section][key])
+    raw["cache"]["datasets"][0]["manifest"] = raw["generate"]["output_dir"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
+    return path
+
+
+@pytest.fixture
+def tiny_params(tiny_params_file):
+    from dmd.config import load
+
+    return load(tiny_params_file)
