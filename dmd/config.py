@@ -495,10 +495,10 @@ def load(path: str | Path = "params.yaml", overrides: list[str] | None = None) -
     """The one entry point: read `path`, apply `--set` overrides, validate, resolve linked files."""
     raw = apply_overrides(read_raw(path), overrides)
     params = validate(raw, str(path))
-    return _resolve_backends(params, Path(path).parent, str(path))
+    return resolve_backends(params, Path(path).parent, str(path))
 
 
-def _resolve_backends(params: Params, base: Path, source: str) -> Params:
+def resolve_backends(params: Params, base: Path, source: str) -> Params:
     path = params.cache.data_backend_config
     if not path:
         return params

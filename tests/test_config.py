@@ -1,0 +1,138 @@
+"""Typed settings: the seed trainer's config imports key for key; bad settings give one clear message each."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmd.config import ConfigError, Params, load, validate
+from dmd.simpletuner import CACHE_KEYS, MODEL_KEYS, import_simpletuner
+
+SEED = Path(__file__).parent / "fixtures" / "seed"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dmd(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def _lookup(params: Params, key: str):
+    section = "model" if key in MODEL_KEYS else "cache" if key in CACHE_KEYS else "train"
+    return getattr(getattr(params, section), key)
+
+
+def test_every_seed_key_is_imported_and_typed():
+    config = json.loads((SEED / "config.json").read_text())
+    backend = json.loads((SEED / "multidatabackend.json").read_text())
+    raw, notes = import_simpletuner(config, backend)
+    assert not [n for n in notes if "not mapped" in n], notes
+    params = validate(raw)
+    for key, value in config.items():
+        if key == "data_backend_config":  # inlined from --backend
+            assert [d.num_frames for d in params.cache.datasets] == [e["num_frames"] for e in backend]
+            continue
+        if key == "distillation_config":
+            dc = params.train.distillation_config
+            for k, v in value.items():
+                got = getattr(dc, k)
+                if k == "dmd_denoising_steps":
+                    assert got == [int(s) for s in v.split(",")]
+                elif isinstance(got, tuple):
+                    assert list(got) == v
+                else:
+                    assert got == v, k
+            continue
+        assert _lookup(params, key) == value, key
+    for entry, dataset in zip(backend, params.cache.datasets):
+        for k, v in entry.items():
+            assert getattr(dataset, k) == v, k
+
+
+def test_every_params_key_has_a_consumer_in_code():
+    """No key is accepted and ignored: each field name appears in the code outside dmd/config.py."""
+    code = "\n".join(
+        p.read_text() for d in ("dmd", "tasks", "flows") for p in (REPO / d).rglob("*.py") if p.name != "config.py"
+    )
+    seed = json.loads((SEED / "config.json").read_text())
+    keys = set(seed) - {"data_backend_config"} | set(seed["distillation_config"])
+    missing = sorted(k for k in keys if f".{k}" not in code and f'"{k}"' not in code)
+    assert not missing, f"settings read by no code: {missing}"
+
+
+def test_advanced_config_inconsistency_names_key_and_fix():
+    config = json.loads((SEED / "config.json").read_text())
+    advanced = json.loads((SEED / "advanced-distillation-config.json").read_text())
+    config["distillation_config"].update(advanced["distillation_config"])
+    raw, _ = import_simpletuner(config)
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    (message,) = e.value.problems
+    assert "num_frame_per_block=3" in message and "28" in message and "use one of" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.learning_rat=1e-4", "train.learning_rat: unknown key; did you mean 'train.learning_rate'?"),
+        ("train.distillation_config.num_frame_per_blok=3", "did you mean"),
+        ("train.max_train_steps=many", "train.max_train_steps"),
+        ("train.distillation_config.dmd_denoising_steps=1000,522,757", "strictly decreasing"),
+        ("train.distillation_config.dmd_denoising_steps=[1200, 500]", "(0, 1000]"),
+        ("train.validation_resolution=1280x700", "multiples of 16"),
+        ("toy.num_frames=20", "not 4k+1"),
+        ("train.distillation_config.num_frame_per_block=4", "num_frame_per_block=4 does not divide"),
+    ],
+)
+def test_bad_settings_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load(REPO / "params.yaml", [override])
+    assert len(e.value.problems) == 1
+    assert expected in e.value.problems[0]
+
+
+def test_overrides_are_typed():
+    params = load(REPO / "params.yaml", ["train.max_train_steps=7", "train.distillation_config.last_step_only=true"])
+    assert params.train.max_train_steps == 7 and params.train.distillation_config.last_step_only is True
+
+
+def test_validate_cli_reports_each_problem_and_fails(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["learning_rat"] = 1e-4
+    raw["train"]["train_batch_size"] = "eight"
+    raw["train"]["distillation_config"]["num_frame_per_block"] = 4
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    result = dmd("config", "validate", str(bad))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip().startswith("- ")]
+    assert len(lines) == 2, result.stderr  # field errors stop before the cross-field check runs
+    assert any("train.learning_rat: unknown key; did you mean 'train.learning_rate'" in x for x in lines)
+    assert any("train.train_batch_size" in x for x in lines)
+
+
+def test_default_params_validate_with_cli():
+    result = dmd("config", "validate", "params.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_import_cli_writes_params_that_validate(tmp_path):
+    out = tmp_path / "imported.yaml"
+    result = dmd(
+        "config",
+        "import-simpletuner",
+        str(SEED / "config.json"),
+        "--backend",
+        str(SEED / "multidatabackend.json"),
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend[0] names no video source" in result.stderr
+    check = dmd("config", "validate", str(out))
+    assert check.returncode == 0, check.stderr
