@@ -88,33 +88,55 @@ class ToyTeacherConfig(Section):
 
     output_dir: str = "models/toy-teacher"
     seed: int = 0
-    num_clips: int = 2048
-    vae_steps: int = 1500
-    vae_batch_size: int = 16
-    vae_learning_rate: float = 2e-3
-    transformer_steps: int = 4000
-    transformer_batch_size: int = 32
-    transformer_learning_rate: float = 1e-3
+    num_clips: int = Field(2048, ge=1, description="World clips drawn once from the training captions.")
+    vae_steps: int = Field(1500, ge=1)
+    vae_batch_size: int = Field(16, ge=1)
+    vae_learning_rate: float = Field(2e-3, gt=0)
+    vae_num_frames: int = Field(
+        9, ge=1, description="Frames per VAE training window (4k+1); the causal VAE then runs on whole clips."
+    )
+    vae_object_weight: float = Field(
+        4.0, ge=0, description="Extra reconstruction weight on object pixels (objects cover ~8% of a frame)."
+    )
+    vae_kl_weight: float = Field(1e-3, ge=0, description="Weight of the KL term next to the reconstruction MSE.")
+    transformer_steps: int = Field(4000, ge=1)
+    transformer_batch_size: int = Field(32, ge=1)
+    transformer_learning_rate: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(
+        0.995, ge=0, lt=1, description="EMA of the transformer weights; the EMA weights are the ones saved."
+    )
     caption_dropout_probability: float = Field(0.1, ge=0, lt=1)
-    num_layers: int = 4
-    num_attention_heads: int = 4
-    attention_head_dim: int = 16
-    ffn_dim: int = 256
-    z_dim: int = 8
-    vae_base_dim: int = 16
-    text_dim: int = 32
+    num_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    attention_head_dim: int = Field(16, ge=1)
+    ffn_dim: int = Field(256, ge=1)
+    z_dim: int = Field(8, ge=1, description="VAE latent channels (the transformer's in/out channels).")
+    vae_base_dim: int = Field(16, ge=1)
+    text_dim: int = Field(32, ge=4, description="Width of the tiny UMT5 text encoder.")
+
+    @model_validator(mode="after")
+    def _frames(self):
+        _check_frames("toy_teacher.vae_num_frames", self.vae_num_frames)
+        return self
 
 
 class GenerateConfig(Section):
-    """Teacher data generation (dmd/generate.py)."""
+    """Teacher data generation (dmd/generate.py): shards of teacher videos, resumable and reproducible."""
 
     output_dir: str = "data/teacher"
     prompts: str = Field(
-        "toy", description="'toy' for the toy world's training captions, or a txt/jsonl/parquet file."
+        "toy",
+        description="'toy' for the toy world's training captions (cycled), or a txt/jsonl/parquet prompt library.",
     )
     negative_prompt: str | None = Field(None, description="Defaults to train.validation_negative_prompt.")
-    num_videos: int = Field(64, ge=1)
-    shard_size: int = Field(16, ge=1)
+    num_videos: int = Field(
+        64,
+        ge=1,
+        description="Target size of the data set: shards 0..N-1 with N = ceil(num_videos / shard_size).",
+    )
+    shard_size: int = Field(
+        16, ge=1, description="Videos per shard, the unit that is written, resumed and backfilled."
+    )
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
     flow_shift: float | None = Field(None, gt=0, description="Defaults to model.flow_schedule_shift.")
@@ -122,22 +144,48 @@ class GenerateConfig(Section):
     width: int = 32
     num_frames: int = 21
     fps: int = 8
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    save_latents: bool = True
-    save_noise: bool = True
+    batch_size: int = Field(16, ge=1, description="Videos per teacher call (a shard is sampled in batches).")
+    seed: int = Field(
+        0, description="Base seed; sample i's seed is a hash of (seed, i), so any shard regenerates alone."
+    )
+    save_latents: bool = Field(True, description="Save each video's exact teacher latents next to it.")
+    save_noise: bool = Field(True, description="Save each video's initial noise next to it.")
+    device: str = Field(
+        "auto", description="'auto' (cuda when available, else cpu) or a torch device string."
+    )
     task_runner: Literal["thread", "dask"] = "thread"
+    workers: int = Field(
+        2,
+        ge=1,
+        description="Shards in flight at once: threads of the thread runner (they share one teacher per process and "
+        "take turns per batch, so file writing overlaps sampling) or processes of a local Dask cluster "
+        "(each loads its own teacher).",
+    )
     dask_address: str | None = Field(
         None, description="An existing Dask scheduler; None starts a local cluster."
     )
-    retries: int = Field(2, ge=0)
-    backfill_interval_seconds: int | None = Field(3600, ge=1)
-    backfill_cron: str | None = None
-    backfill_shards_per_run: int = Field(1, ge=1)
+    retries: int = Field(2, ge=0, description="Retries of a failed shard task.")
+    retry_delay_seconds: float = Field(10, ge=0)
+    backfill_interval_seconds: int | None = Field(
+        3600,
+        ge=1,
+        description="Schedule of the generate-teacher-data/backfill deployment (or use backfill_cron).",
+    )
+    backfill_cron: str | None = Field(
+        None, description="Cron schedule of the backfill deployment instead of an interval."
+    )
+    backfill_shards_per_run: int = Field(
+        1, ge=1, description="Missing shards each scheduled backfill run generates."
+    )
 
     @model_validator(mode="after")
     def _shape(self):
         _check_frames("generate.num_frames", self.num_frames)
+        if self.backfill_interval_seconds is not None and self.backfill_cron is not None:
+            raise ValueError(
+                "generate.backfill_interval_seconds and generate.backfill_cron are both set; "
+                "set one of them to null"
+            )
         return self
 
     @property
@@ -146,24 +194,49 @@ class GenerateConfig(Section):
 
 
 class DatasetConfig(Section):
-    """One dataset, in the shape of the seed trainer's multidatabackend.json entries."""
+    """One dataset, in the shape of the seed trainer's multidatabackend.json entries (dmd/datasets.py).
 
-    id: str = "teacher"
+    `resolution_type`, `resolution` and `minimum_image_size` left unset take the `cache` section's values.
+    """
+
+    id: str = Field("teacher", description="Name of the dataset in the cache index and in problems.parquet.")
     dataset_type: Literal["video"] = "video"
     manifest: str | None = Field(
-        None, description="A manifest.parquet (or a directory of shards) with captions."
+        None,
+        description="The generate stage's output: a manifest.parquet, a shard directory, or the directory that "
+        "holds manifest.parquet or shard-*/manifest.parquet. Video paths are relative to their shard.",
     )
-    instance_data_dir: str | None = Field(None, description="A folder of videos with sidecar .txt captions.")
-    caption_column: str = "prompt"
-    cache_dir: str | None = None
-    resolution_type: Literal["pixel_area", "area", "pixel"] | None = None
-    resolution: float | None = None
-    crop: bool = False
-    num_frames: int = 21
-    frame_interval: int = Field(1, ge=1)
-    minimum_image_size: float | None = None
-    repeats: int = Field(0, ge=0)
-    disabled: bool = False
+    instance_data_dir: str | None = Field(
+        None,
+        description="A folder of videos (searched recursively) with sidecar captions: clip.mp4 + clip.txt.",
+    )
+    caption_column: str = Field("prompt", description="Manifest column holding each video's caption.")
+    cache_dir: str | None = Field(
+        None, description="Where this dataset's latent shards go; default: <cache.output_dir>/latents/<id>."
+    )
+    resolution_type: Literal["pixel_area", "area", "pixel"] | None = Field(
+        None,
+        description="pixel_area: `resolution` is the side of a square of the target pixel area (480 → 480·480 "
+        "pixels, aspect kept); area: `resolution` in megapixels; pixel: the shorter edge in pixels.",
+    )
+    resolution: float | None = Field(None, gt=0, description="Target size, read per resolution_type.")
+    crop: bool = Field(
+        False,
+        description="false: resize straight to the aspect bucket (aspect off by at most the bucket rounding); "
+        "true: resize to cover the bucket keeping aspect, then center-crop.",
+    )
+    num_frames: int = Field(
+        21, ge=1, description="Frames per clip; snapped down to 4k+1 (Wan's VAE packs 4 frames per latent)."
+    )
+    frame_interval: int = Field(1, ge=1, description="Take every n-th frame of the source video.")
+    minimum_image_size: float | None = Field(
+        None,
+        ge=0,
+        description="Skip smaller videos; measured like `resolution`: pixel_area: sqrt(height·width) in pixels, "
+        "area: megapixels, pixel: the shorter edge in pixels. 0 keeps everything.",
+    )
+    repeats: int = Field(0, ge=0, description="Extra times each sample is seen per epoch (0: once).")
+    disabled: bool = Field(False, description="Leave this dataset out of the cache.")
 
     @model_validator(mode="after")
     def _source(self):
@@ -173,63 +246,120 @@ class DatasetConfig(Section):
 
 
 class CacheConfig(Section):
-    """VAE latent + T5 embedding cache (dmd/cache.py)."""
+    """VAE latent + T5 embedding cache (dmd/cache.py) and its training loader."""
 
-    output_dir: str = "cache"
+    output_dir: str = Field("cache", description="index.parquet, problems.parquet, text/, latents/.")
     data_backend_config: str | None = Field(
         None, description="A multidatabackend.json; its entries are added to `datasets`."
     )
     datasets: list[DatasetConfig] = Field(default_factory=lambda: [DatasetConfig(manifest="data/teacher")])
-    resolution_type: Literal["pixel_area", "area", "pixel"] = "pixel_area"
-    resolution: float = Field(32, gt=0)
-    minimum_image_size: float = Field(0, ge=0)
-    aspect_bucket_rounding: int = Field(2, ge=0)
-    compress_disk_cache: bool = False
-    delete_problematic_images: bool = False
-    disable_bucket_pruning: bool = True
-    vae_batch_size: int = Field(4, ge=1)
-    chunk_size: int = Field(64, ge=1)
-    use_teacher_latents: bool = Field(
-        True, description="Take exact teacher latents from the shards when present."
+    resolution_type: Literal["pixel_area", "area", "pixel"] = Field(
+        "pixel_area", description="Default for datasets that leave it unset; see DatasetConfig."
     )
-    num_workers: int = Field(2, ge=0)
+    resolution: float = Field(32, gt=0, description="Default for datasets that leave it unset.")
+    minimum_image_size: float = Field(0, ge=0, description="Default for datasets that leave it unset.")
+    aspect_bucket_rounding: int = Field(
+        2, ge=0, description="Decimal places the aspect ratio (width/height) is rounded to before bucketing."
+    )
+    compress_disk_cache: bool = Field(
+        False, description="zstd-compress each tensor inside the safetensors shards (random access is kept)."
+    )
+    delete_problematic_images: bool = Field(
+        False, description="Delete the video files listed in problems.parquet (only when true)."
+    )
+    disable_bucket_pruning: bool = Field(
+        True,
+        description="false: the training loader drops buckets with fewer samples than its batch (logged); "
+        "true: it keeps them, filling their one batch by repeating their samples.",
+    )
+    vae_batch_size: int = Field(4, ge=1, description="Clips per VAE encode call (all of one bucket).")
+    text_batch_size: int = Field(16, ge=1, description="Captions per text-encoder call.")
+    chunk_size: int = Field(64, ge=1, description="Clips per Prefect task and per latent shard.")
+    use_teacher_latents: bool = Field(
+        True,
+        description="Take the generate stage's exact latents (and noise) when the clip is used whole at its "
+        "own size and the video is unchanged since generation; otherwise encode the video.",
+    )
+    num_workers: int = Field(2, ge=0, description="Threads decoding and resizing videos (0: inline).")
 
 
 class DistillationConfig(Section):
     """`distillation_config` of the seed trainer, every key live (dmd/method.py, dmd/rollout.py)."""
 
-    dmd_denoising_steps: list[int] = Field(default_factory=lambda: [1000, 757, 522])
-    warp_denoising_steps: bool = Field(
-        False, description="Warp dmd_denoising_steps through flow_schedule_shift before use."
+    dmd_denoising_steps: list[int] = Field(
+        default_factory=lambda: [1000, 757, 522],
+        description="The student's steps on the 0–1000 scale, decreasing; σ_i = t_i/1000 unless warped.",
     )
-    generator_update_interval: int = Field(1, ge=1)
-    real_score_guidance_scale: float = Field(3.0, ge=0)
-    fake_score_guidance_scale: float = Field(0.0, ge=0)
-    fake_score_lr: float = Field(1e-5, gt=0)
-    fake_score_weight_decay: float = Field(0.01, ge=0)
-    fake_score_betas: tuple[float, float] = (0.9, 0.999)
-    fake_score_eps: float = Field(1e-8, gt=0)
-    fake_score_grad_clip: float = Field(1.0, ge=0)
+    warp_denoising_steps: bool = Field(
+        False,
+        description="Warp dmd_denoising_steps through model.flow_schedule_shift (σ = shift(t/1000)). Off by "
+        "default: the steps are used as written, as in Self-Forcing and FastVideo, and on the toy the unwarped "
+        "1000/757/522 did better than the warped ones.",
+    )
+    generator_update_interval: int = Field(
+        1, ge=1, description="The student updates on steps 0, n, 2n, …; the critic on every step."
+    )
+    real_score_guidance_scale: float = Field(
+        3.0, ge=0, description="CFG of the real score, x_u + w·(x_c − x_u) (diffusers' form; 1 = no CFG)."
+    )
+    fake_score_guidance_scale: float = Field(
+        0.0,
+        ge=0,
+        description="CFG of the fake score in the DMD gradient, same form; 0 = off (conditional only).",
+    )
+    fake_score_lr: float = Field(1e-5, gt=0, description="The critic's AdamW learning rate.")
+    fake_score_weight_decay: float = Field(0.01, ge=0, description="The critic's AdamW weight decay.")
+    fake_score_betas: tuple[float, float] = Field((0.9, 0.999), description="The critic's AdamW betas.")
+    fake_score_eps: float = Field(1e-8, gt=0, description="The critic's AdamW eps.")
+    fake_score_grad_clip: float = Field(
+        1.0, ge=0, description="Clip of the critic's gradient norm before its step (0 = no clipping)."
+    )
     fake_score_lora_rank: int | None = Field(
         None, ge=1, description="Critic as a LoRA adapter of this rank on the shared base; None: a full copy."
     )
-    fake_score_lora_alpha: float | None = None
-    min_timestep_ratio: float = Field(0.02, ge=0, le=1)
-    max_timestep_ratio: float = Field(0.98, ge=0, le=1)
-    num_frame_per_block: int = Field(3, ge=1)
-    independent_first_frame: bool = False
-    same_step_across_blocks: bool = False
-    last_step_only: bool = False
+    fake_score_lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha of the critic adapter; None = fake_score_lora_rank (scale 1)."
+    )
+    min_timestep_ratio: float = Field(
+        0.02, ge=0, le=1, description="Lower end of u ~ U[min, max] for the score timestep σ_s = shift(u)."
+    )
+    max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="Upper end of u, as above.")
+    num_frame_per_block: int = Field(
+        3, ge=1, description="Latent frames per time block of the rollout; the clip's length = bidirectional."
+    )
+    independent_first_frame: bool = Field(False, description="The first time block is the first frame alone.")
+    same_step_across_blocks: bool = Field(
+        False, description="One exit step for all time blocks (else one drawn per block)."
+    )
+    last_step_only: bool = Field(False, description="Every block exits at the last step (no exit sampling).")
     num_training_frames: int = Field(
         21, ge=1, description="Cap on the latent frames a training rollout makes."
     )
-    context_noise: float = Field(0, ge=0, le=1000)
-    ts_schedule: bool = True
-    ts_schedule_max: bool = False
-    min_score_timestep: float = Field(0, ge=0, le=1000)
-    timestep_shift: float = Field(1.0, gt=0)
-    rollout_from: Literal["noise", "data"] = "noise"
-    regression_loss_weight: float = Field(0.0, ge=0)
+    context_noise: float = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Timestep (0–1000) to which earlier blocks' clean output is re-noised as later blocks' context.",
+    )
+    ts_schedule: bool = Field(
+        True, description="Score timestep at least the σ of the step after the exit step (Self-Forcing)."
+    )
+    ts_schedule_max: bool = Field(False, description="Score timestep at most the σ of the exit step.")
+    min_score_timestep: float = Field(
+        0, ge=0, le=1000, description="Floor (0–1000) on the score timestep, always applied."
+    )
+    timestep_shift: float = Field(1.0, gt=0, description="Shift applied to u for the score timestep.")
+    rollout_from: Literal["noise", "data"] = Field(
+        "noise",
+        description="noise: backward simulation from pure noise (data-free); data: cached latents noised to "
+        "the exit step, one student step (FastVideo's default).",
+    )
+    regression_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the regression of the student's first step from the teacher's noise onto the "
+        "teacher's latents (needs the noise in the cache); the original DMD's guard against mode collapse.",
+    )
 
     @field_validator("dmd_denoising_steps", mode="before")
     @classmethod
@@ -269,57 +399,132 @@ class TrainConfig(Section):
 
     distillation_method: Literal["dmd"] = "dmd"
     distillation_config: DistillationConfig = Field(default_factory=DistillationConfig)
-    model_type: Literal["lora", "full"] = "lora"
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: float = Field(16, gt=0)
-    lora_type: Literal["standard"] = "standard"
-    learning_rate: float = Field(5e-5, gt=0)
-    optimizer: Literal["adamw", "adamw_bf16"] = "adamw"
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"] = (
-        "constant"
+    model_type: Literal["lora", "full"] = Field(
+        "lora", description="Student as a LoRA adapter on the frozen teacher, or a full trainable copy."
     )
-    lr_warmup_steps: int = Field(0, ge=0)
+    lora_rank: int = Field(16, ge=1, description="Rank of the student's LoRA (model_type: lora).")
+    lora_alpha: float = Field(16, gt=0, description="Alpha of the student's LoRA; its scale is alpha/rank.")
+    lora_type: Literal["standard"] = Field("standard", description="peft LoRA on attention and FFN linears.")
+    learning_rate: float = Field(5e-5, gt=0, description="The student's peak learning rate.")
+    optimizer: Literal["adamw", "adamw_bf16"] = Field(
+        "adamw",
+        description="adamw: torch AdamW; adamw_bf16: AdamW with fp32 master weights and moments for bf16/fp16 "
+        "parameters (updates below bf16 precision are kept, not rounded away). Student and critic alike.",
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr"] = (
+        Field(
+            "constant",
+            description="transformers' schedules over the run's steps, for student and critic (each from its own lr). "
+            "constant ignores lr_warmup_steps; the others warm up linearly first.",
+        )
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0, in optimizer steps.")
     lr_min_ratio: float = Field(
         0.1, ge=0, le=1, description="Floor of cosine_with_min_lr, as a fraction of lr."
     )
-    grad_clip_method: Literal["value", "norm"] = "norm"
-    max_grad_norm: float = Field(1.0, ge=0)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    train_batch_size: int = Field(8, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    use_ema: bool = True
+    grad_clip_method: Literal["value", "norm"] = Field(
+        "norm",
+        description="The student's clipping: norm rescales to max_grad_norm, value clamps each element.",
+    )
+    max_grad_norm: float = Field(1.0, ge=0, description="Limit of grad_clip_method; 0 disables clipping.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per step; gradients are summed, so n × batch b equals batch n·b."
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute transformer activations in backward (diffusers' gradient checkpointing).",
+    )
+    train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch on each process.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
+    )
+    use_ema: bool = Field(True, description="Keep an EMA of the student; the export holds the EMA weights.")
     ema_decay: float = Field(0.99, gt=0, lt=1)
-    ema_update_interval: int = Field(1, ge=1)
-    ema_validation: Literal["none", "ema_only", "comparison"] = "ema_only"
-    seed: int = 1000
-    max_train_steps: int = Field(600, ge=0)
-    num_train_epochs: int = Field(0, ge=0)
-    ignore_final_epochs: bool = True
-    caption_dropout_probability: float = Field(0.0, ge=0, lt=1)
-    output_dir: str = "output/student"
+    ema_update_interval: int = Field(
+        1, ge=1, description="Fold the weights into the EMA every n student steps."
+    )
+    ema_validation: Literal["none", "ema_only", "comparison"] = Field(
+        "ema_only", description="Validate with the live weights, the EMA weights, or both side by side."
+    )
+    seed: int = Field(1000, description="Seeds the LoRA init, the data order and every draw of the run.")
+    max_train_steps: int = Field(
+        600,
+        ge=0,
+        description="Steps (one critic update + maybe one student update each); 0: use num_train_epochs.",
+    )
+    num_train_epochs: int = Field(
+        0,
+        ge=0,
+        description="Epochs over the cache, used when max_train_steps is 0 (or see ignore_final_epochs).",
+    )
+    ignore_final_epochs: bool = Field(
+        True,
+        description="When both max_train_steps and num_train_epochs are set: true lets max_train_steps decide the "
+        "end (epochs past it are ignored); false ends at whichever comes first.",
+    )
+    caption_dropout_probability: float = Field(
+        0.0, ge=0, lt=1, description="Per sample, train on the empty prompt's embeddings instead (seeded)."
+    )
+    output_dir: str = Field("output/student", description="The exported student; validation/ inside it.")
     checkpoint_dir: str = "checkpoints"
     checkpoint_step_interval: int = Field(200, ge=1)
-    checkpoints_total_limit: int = Field(3, ge=1)
-    resume_from_checkpoint: str | None = "latest"
-    report_to: Literal["none", "wandb", "dvclive"] = "dvclive"
+    checkpoints_total_limit: int = Field(
+        3, ge=1, description="Newest checkpoints kept; older ones are deleted."
+    )
+    resume_from_checkpoint: str | None = Field(
+        "latest", description="'latest' (fresh start when there is none), a checkpoint folder, or null."
+    )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes (one per GPU, or CPU processes with gloo); above 1 the train flow starts "
+        "them with `accelerate launch`.",
+    )
+    report_to: Literal["none", "wandb", "dvclive"] = Field(
+        "dvclive",
+        description="dvclive writes metrics_dir for `dvc plots`; wandb also writes it and logs to wandb "
+        "(offline without WANDB_API_KEY); none logs to the console only.",
+    )
+    metrics_dir: str = Field(
+        "metrics/train", description="dvclive's folder: metrics.json and plots/metrics/*.tsv."
+    )
     tracker_project_name: str = "dmd-training"
     tracker_run_name: str = "dmd-student"
-    webhook_config: str | None = None
+    webhook_config: str | None = Field(
+        None, description="A JSON file: webhook_url, webhook_type (raw|discord), message_prefix, log_level."
+    )
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
     hub_model_id: str | None = None
-    disable_benchmark: bool = True
+    disable_benchmark: bool = Field(
+        True, description="false: also validate before the first step, as a baseline."
+    )
     validation_step_interval: int = Field(200, ge=1)
     validation_prompt: str | None = None
-    validation_prompt_library: str | None = None
-    validation_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    validation_guidance: float = Field(1.0, ge=0)
-    validation_num_inference_steps: int = Field(3, ge=1)
-    validation_resolution: str = "32x32"
+    validation_prompt_library: str | None = Field(
+        None,
+        description="A JSON file: a list of prompts or {name: prompt}; validated with validation_prompt.",
+    )
+    validation_negative_prompt: str = Field(
+        DEFAULT_NEGATIVE_PROMPT, description="The unconditional side when validation_guidance > 1."
+    )
+    validation_guidance: float = Field(1.0, ge=0, description="CFG scale of validation samples; ≤ 1: none.")
+    validation_num_inference_steps: int = Field(
+        3,
+        ge=1,
+        description="Steps of validation samples: the student's own σs when equal to their number, else that many "
+        "σs spread evenly between its first and last.",
+    )
+    validation_resolution: str = Field(
+        "32x32", description="WIDTHxHEIGHT of validation and `dmd sample` videos."
+    )
     validation_num_video_frames: int = 21
-    validation_seed: int = 42
-    max_consecutive_nonfinite: int = Field(5, ge=1)
+    validation_seed: int = Field(
+        42, description="Each validation prompt's seed, the same at every validation."
+    )
+    max_consecutive_nonfinite: int = Field(
+        5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
+    )
 
     @field_validator("validation_resolution")
     @classmethod
@@ -347,19 +552,60 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Student vs teacher (dmd/evaluate.py)."""
+    """Student vs teacher (dmd/evaluate.py): speed, quality and the report."""
 
     prompts: str = Field("toy", description="'toy' for the held-out captions, or a JSON prompt library.")
-    num_seeds: int = Field(4, ge=1)
+    num_seeds: int = Field(4, ge=1, description="Seeds per prompt, evaluate.seed, evaluate.seed + 1, ...")
     seed: int = 7
     teacher_steps: int = Field(50, ge=1)
     teacher_guidance: float = Field(3.0, ge=0)
-    feature_model: str | None = Field(
-        None, description="CLIP id or directory for Fréchet distance and CLIP score."
+    student_dir: str | None = Field(None, description="The exported student; defaults to train.output_dir.")
+    height: int | None = Field(
+        None, ge=16, description="Video height; defaults to toy.height (toy prompts) or generate.height."
     )
+    width: int | None = Field(
+        None, ge=16, description="Video width; defaults to toy.width (toy prompts) or generate.width."
+    )
+    num_frames: int | None = Field(
+        None,
+        description="Video frames (4k+1); defaults to toy.num_frames (toy prompts) or generate.num_frames.",
+    )
+    fps: int | None = Field(
+        None,
+        ge=1,
+        description="Frame rate of the written mp4s; defaults to toy.fps (toy prompts) or generate.fps.",
+    )
+    warmup: int = Field(
+        1, ge=1, description="Videos generated and thrown away per run before timing starts (same process)."
+    )
+    fuse_lora: bool = Field(
+        True,
+        description="Merge a LoRA student into its base weights before sampling, as a deployed student runs "
+        "(not with an int8-quanto base, whose weights cannot absorb it).",
+    )
+    feature_model: str | None = Field(
+        None,
+        description="Vision model id or directory (CLIP, CLIP vision, or any model with a pooled output) for "
+        "the Fréchet distance between student and teacher samples; None skips it.",
+    )
+    clip_model: str | None = Field(
+        None, description="CLIP id or directory for the text-video score; defaults to feature_model."
+    )
+    feature_batch_size: int = Field(32, ge=1, description="Frames per forward pass of the feature model.")
+    grid_frames: int = Field(4, ge=1, description="Frames shown per clip in the report's PNG grid.")
     metrics_path: str = "metrics/eval.json"
     report_dir: str = "reports"
     videos_dir: str = "reports/videos"
+
+    @model_validator(mode="after")
+    def _frames(self):
+        if self.num_frames is not None:
+            _check_frames("evaluate.num_frames", self.num_frames)
+        return self
+
+    @property
+    def clip_model_path(self) -> str | None:
+        return self.clip_model or self.feature_model
 
 
 class Params(Section):

@@ -1,0 +1,65 @@
+"""Exponential moving average of the student's trainable weights (fp32 shadows), swappable in for validation/export.
+
+Written here rather than with diffusers' `EMAModel` because the student is a LoRA adapter on a shared base: the
+average covers exactly the student's parameters (a list of tensors), and its state is plain tensors for
+safetensors checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+class EMA:
+    """shadow ← decay·shadow + (1 − decay)·weights, every `update_interval`-th call to `step`."""
+
+    def __init__(self, params: Sequence[torch.Tensor], decay: float, update_interval: int = 1):
+        if not 0 < decay < 1:
+            raise ValueError(f"train.ema_decay={decay}: must lie in (0, 1), e.g. 0.99")
+        self.params = list(params)
+        self.decay = decay
+        self.update_interval = update_interval
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.num_calls = 0
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Count one optimizer step of the student; fold the weights in on every `update_interval`-th. True if it did."""
+        self.num_calls += 1
+        if self.num_calls % self.update_interval:
+            return False
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+        return True
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """Inside the block the parameters hold the EMA weights; the live weights come back afterwards."""
+        live = [p.detach().clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for p, w in zip(self.params, live):
+                p.copy_(w)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"shadow.{i:05d}": s for i, s in enumerate(self.shadow)}
+        state["num_calls"] = torch.tensor(self.num_calls, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        shadows = [state[f"shadow.{i:05d}"] for i in range(len(self.shadow)) if f"shadow.{i:05d}" in state]
+        if len(shadows) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadows, self.shadow)):
+            raise ValueError(
+                f"EMA state holds {len(shadows)} tensors, the student has {len(self.shadow)} with other shapes; "
+                "the checkpoint comes from a different model (check train.model_type / lora_rank)"
+            )
+        for s, saved in zip(self.shadow, shadows):
+            s.copy_(saved)
+        self.num_calls = int(state["num_calls"])

@@ -1,0 +1,610 @@
+"""The evaluation stage: the few-step student against its teacher, on the same prompts and the same initial noise.
+
+Three runs are compared (columns of the report, in this order):
+
+- `teacher_full`: the teacher through diffusers' `WanPipeline` and its own scheduler, at
+  `evaluate.teacher_steps` with CFG `evaluate.teacher_guidance`;
+- `teacher_few`: the same sampler at the student's step count (the naive baseline distillation must beat);
+- `student`: the exported student (EMA weights when the export holds them) through `dmd.rollout.sample`.
+
+Each run first generates `evaluate.warmup` videos that are thrown away, then times every video phase by phase
+(text encoding, DiT, VAE decode), counts transformer evaluations with a forward hook and records peak memory.
+Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's samples and a CLIP score when
+`evaluate.feature_model` / `evaluate.clip_model` name a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dmd.config import Params
+from dmd.io import write_json
+from dmd.metrics import (
+    FeatureModel,
+    NFECounter,
+    PeakMemory,
+    PhaseTimer,
+    SpeedStats,
+    clip_score,
+    frechet_distance,
+    gap_closed,
+    speedup,
+    video_features,
+)
+from dmd.video import write_video
+
+log = logging.getLogger(__name__)
+
+RUNS = ("teacher_full", "teacher_few", "student")
+RUN_LABELS = {"teacher_full": "teacher full", "teacher_few": "teacher few-step", "student": "student"}
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What is evaluated
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One video of every run: a prompt and a seed (the seed fixes the initial noise)."""
+
+    prompt_index: int
+    prompt: str
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        return f"p{self.prompt_index:03d}-seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    height: int
+    width: int
+    num_frames: int
+    fps: int
+
+    @classmethod
+    def from_params(cls, params: Params) -> VideoSpec:
+        ev, gen = params.evaluate, params.generate
+        if params.evaluate.prompts == "toy":
+            gen = params.toy  # the judge knows clips of the toy world's size only
+        return cls(
+            height=ev.height or gen.height,
+            width=ev.width or gen.width,
+            num_frames=ev.num_frames or gen.num_frames,
+            fps=ev.fps or gen.fps,
+        )
+
+
+def load_prompts(params: Params) -> list[str]:
+    """The toy world's held-out captions, or a JSON prompt library: a list of prompts or {name: prompt}."""
+    source = params.evaluate.prompts
+    if source == "toy":
+        from dmd.toy.world import ToyWorld
+
+        return ToyWorld(params.toy).captions("held_out")
+    path = Path(source)
+    if not path.is_file():
+        raise EvaluationError(
+            f"evaluate.prompts='{source}': no such file; use 'toy' or a JSON prompt library "
+            '(a list of prompts or {"name": "prompt", ...})'
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{path}: not valid JSON ({e}); fix it or set evaluate.prompts") from None
+    prompts = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise EvaluationError(
+            f"{path}: expected a non-empty list of prompts or an object of name → prompt (strings), "
+            f'e.g. {{"red": "a red square moving right slowly"}}'
+        )
+    return prompts
+
+
+def eval_items(prompts: list[str], seed: int, num_seeds: int) -> list[EvalItem]:
+    return [EvalItem(i, p, seed + s) for i, p in enumerate(prompts) for s in range(num_seeds)]
+
+
+def plan(params: Params) -> list[EvalItem]:
+    """The videos every run makes, checked before anything is generated."""
+    ev = params.evaluate
+    items = eval_items(load_prompts(params), ev.seed, ev.num_seeds)
+    if ev.feature_model and len(items) < 2:
+        raise EvaluationError(
+            f"evaluate.feature_model needs at least 2 videos per run for a Fréchet distance, got {len(items)}; "
+            "raise evaluate.num_seeds or add prompts"
+        )
+    return items
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of a (prompt, seed) video: the same for every run, drawn on the CPU so any device agrees."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def latent_shape(transformer, vae, video: VideoSpec) -> tuple[int, int, int, int, int]:
+    """(1, C, T, H, W) of the transformer's latents for a video of this size, as WanPipeline lays them out."""
+    spatial = vae.config.scale_factor_spatial
+    temporal = vae.config.scale_factor_temporal
+    patch = transformer.config.patch_size
+    if video.height % (spatial * patch[1]) or video.width % (spatial * patch[2]):
+        raise EvaluationError(
+            f"video size {video.height}×{video.width} must be a multiple of {spatial * patch[1]} "
+            "(VAE × patch); set evaluate.height / evaluate.width"
+        )
+    if (video.num_frames - 1) % temporal:
+        raise EvaluationError(f"evaluate.num_frames={video.num_frames} must be {temporal}k+1")
+    return (
+        1,
+        transformer.config.in_channels,
+        (video.num_frames - 1) // temporal + 1,
+        video.height // spatial,
+        video.width // spatial,
+    )
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Samplers: prompt → embeddings → latents; one decoder for all
+
+
+class LatentDecoder:
+    """Normalised latents → uint8 (B, T, H, W, 3) frames, exactly as WanPipeline decodes (`z = x·std + mean`)."""
+
+    def __init__(self, vae):
+        from diffusers.video_processor import VideoProcessor
+
+        self.vae = vae
+        self.processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
+        z_dim = vae.config.z_dim
+        self.mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, latents_BCTHW: torch.Tensor) -> np.ndarray:
+        z = latents_BCTHW.to(self.vae.dtype)
+        z = z * self.std.to(z) + self.mean.to(z)
+        video = self.vae.decode(z, return_dict=False)[0]
+        frames = self.processor.postprocess_video(video, output_type="np")
+        return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+
+
+class Sampler(Protocol):
+    transformer: torch.nn.Module
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]: ...
+
+    def denoise(
+        self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int
+    ) -> torch.Tensor: ...
+
+
+class TeacherSampler:
+    """The teacher as diffusers runs it: `WanPipeline` with its scheduler, CFG when guidance > 1."""
+
+    def __init__(self, pipe, steps: int, guidance: float, negative_prompt: str, max_sequence_length: int):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.steps = steps
+        self.guidance = guidance
+        self.negative_prompt = negative_prompt
+        self.max_sequence_length = max_sequence_length
+        pipe.set_progress_bar_config(disable=True)
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        from dmd.wan import encode_prompts
+
+        def enc(text: str) -> torch.Tensor:
+            return encode_prompts(
+                self.pipe.tokenizer, self.pipe.text_encoder, [text], self.max_sequence_length
+            )
+
+        embeds = {"prompt_embeds": enc(prompt)}
+        if self.guidance > 1:  # WanPipeline's own condition for CFG
+            embeds["negative_prompt_embeds"] = enc(self.negative_prompt)
+        return embeds
+
+    @torch.no_grad()
+    def denoise(self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int) -> torch.Tensor:
+        _, _, t, h, w = noise_BCTHW.shape
+        vae_cfg = self.pipe.vae.config
+        return self.pipe(
+            prompt_embeds=embeds["prompt_embeds"],
+            negative_prompt_embeds=embeds.get("negative_prompt_embeds"),
+            height=h * vae_cfg.scale_factor_spatial,
+            width=w * vae_cfg.scale_factor_spatial,
+            num_frames=(t - 1) * vae_cfg.scale_factor_temporal + 1,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            latents=noise_BCTHW,
+            output_type="latent",
+            return_dict=False,
+        )[0]
+
+
+class StudentSampler:
+    """The exported student through `dmd.rollout.sample` (no CFG: the guidance is distilled into it)."""
+
+    guidance = 1.0
+
+    def __init__(self, transformer, schedule, tokenizer, text_encoder, max_sequence_length: int):
+        self.transformer = transformer
+        self.schedule = schedule
+        self.steps = schedule.num_steps
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_sequence_length = max_sequence_length
+
+    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
+        from dmd.wan import encode_prompts
+
+        return {
+            "prompt_embeds": encode_prompts(
+                self.tokenizer, self.text_encoder, [prompt], self.max_sequence_length
+            )
+        }
+
+    def denoise(self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int) -> torch.Tensor:
+        from dmd.rollout import sample
+
+        # the re-noising between steps is seeded per video too, so a (prompt, seed) pair is reproducible
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return sample(self.transformer, embeds["prompt_embeds"], noise_BCTHW, self.schedule, generator)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and timing
+
+
+@dataclass
+class RunOutput:
+    name: str
+    steps: int
+    guidance: float
+    clips: list[np.ndarray]  # uint8 (T, H, W, 3), one per EvalItem, in order
+    videos: list[Path]
+    speed: SpeedStats
+    info: dict = field(default_factory=dict)
+
+
+def _no_phase(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def run_sampler(
+    name: str,
+    sampler: Sampler,
+    decoder: LatentDecoder,
+    items: list[EvalItem],
+    noise_shape: tuple[int, ...],
+    device: torch.device,
+    warmup: int,
+    videos_dir: Path | None = None,
+    fps: int = 8,
+    progress: bool = True,
+) -> RunOutput:
+    """Generate every item with `sampler`; time phases, count NFE and peak memory after `warmup` discarded videos."""
+
+    def generate(item: EvalItem, timer: PhaseTimer | None) -> np.ndarray:
+        phase = timer.phase if timer is not None else _no_phase
+        noise = initial_noise(item.seed, noise_shape).to(device)
+        with phase("text_encoding"):
+            embeds = sampler.encode(item.prompt)
+        with phase("dit"):
+            latents = sampler.denoise(embeds, noise, item.seed)
+        with phase("vae_decode"):
+            clip = decoder(latents)[0]
+        return clip
+
+    timer = PhaseTimer(device)
+    clips = []
+    with PeakMemory(device) as memory:
+        for _ in range(warmup):
+            generate(items[0], None)
+        with NFECounter(sampler.transformer) as nfe:
+            for item in tqdm(items, desc=name, unit="video", disable=not progress):
+                clips.append(generate(item, timer))
+                timer.end_video()
+    speed = SpeedStats(
+        nfe=nfe.samples / len(items),
+        seconds=timer.mean_seconds(),
+        peak_memory_mb=memory.mb,
+        peak_memory_kind=memory.kind,
+        timed_videos=len(items),
+        warmup_videos=warmup,
+        device=str(device),
+    )
+    videos = []
+    if videos_dir is not None:
+        videos = [write_video(videos_dir / name / f"{it.stem}.mp4", c, fps) for it, c in zip(items, clips)]
+    log.info(
+        "%s: %d videos, NFE %.1f, %.3f s/video end to end (DiT %.3f s), peak %.0f MiB (%s)",
+        name,
+        len(items),
+        speed.nfe,
+        speed.seconds["end_to_end"],
+        speed.seconds["dit"],
+        speed.peak_memory_mb,
+        speed.peak_memory_kind,
+    )
+    return RunOutput(name, sampler.steps, sampler.guidance, clips, videos, speed)
+
+
+def load_teacher_pipeline(params: Params, device: torch.device):
+    """WanPipeline of the teacher: components through dmd.wan (precision, int8), the scheduler from its directory
+    with the shift of `model.flow_schedule_shift`."""
+    from diffusers import WanPipeline
+
+    from dmd.wan import load_text_encoder, load_transformer, load_vae
+
+    cfg = params.model
+    tokenizer, text_encoder = load_text_encoder(cfg, device)
+    pipe = WanPipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path,
+        revision=cfg.revision,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        transformer=load_transformer(cfg, device),
+        vae=load_vae(cfg, device),
+    )
+    pipe.scheduler = scheduler_with_shift(pipe.scheduler, cfg.flow_schedule_shift)
+    return pipe
+
+
+def scheduler_with_shift(scheduler, shift: float):
+    """The scheduler rebuilt with `shift` (FlowMatchEuler's `shift`, UniPC's `flow_shift`)."""
+    for key in ("shift", "flow_shift"):
+        if key in scheduler.config:
+            return scheduler.__class__.from_config(scheduler.config, **{key: shift})
+    return scheduler
+
+
+def student_dir(params: Params) -> Path:
+    return Path(params.evaluate.student_dir or params.train.output_dir)
+
+
+def fuse_student_lora(transformer, params: Params) -> bool:
+    """Merge a LoRA student into its base weights and drop the adapter layers (diffusers' fuse + unload), so it
+    is timed as it would be deployed; returns whether it did."""
+    if not params.evaluate.fuse_lora or not getattr(transformer, "peft_config", None):
+        return False
+    if params.model.base_model_precision == "int8-quanto":
+        log.info("student LoRA left unfused: int8-quanto base weights cannot absorb it")
+        return False
+    transformer.fuse_lora()
+    transformer.unload_lora()
+    return True
+
+
+def run_student(
+    params: Params, items: list[EvalItem], device: torch.device, progress: bool = True
+) -> RunOutput:
+    from dmd.export import load_student, read_card
+    from dmd.wan import load_text_encoder, load_vae
+
+    path = student_dir(params)
+    try:
+        card = read_card(path)
+    except FileNotFoundError as e:
+        raise EvaluationError(f"{e} (set by evaluate.student_dir, default train.output_dir)") from None
+    transformer, schedule = load_student(path, params)
+    fused = fuse_student_lora(transformer, params)
+    transformer.to(device).eval().requires_grad_(False)
+    tokenizer, text_encoder = load_text_encoder(params.model, device)
+    vae = load_vae(params.model, device)
+    sampler = StudentSampler(transformer, schedule, tokenizer, text_encoder, params.model.max_sequence_length)
+    video = VideoSpec.from_params(params)
+    torch.manual_seed(params.evaluate.seed)
+    out = run_sampler(
+        "student",
+        sampler,
+        LatentDecoder(vae),
+        items,
+        latent_shape(transformer, vae, video),
+        device,
+        params.evaluate.warmup,
+        Path(params.evaluate.videos_dir),
+        video.fps,
+        progress,
+    )
+    out.info = {
+        "dir": str(path),
+        "ema": card.get("ema"),
+        "sigmas": list(schedule.sigmas),
+        "lora_fused": fused,
+    }
+    del transformer, text_encoder, vae
+    _free(device)
+    return out
+
+
+def run_teacher(
+    params: Params, items: list[EvalItem], few_steps: int, device: torch.device, progress: bool = True
+) -> dict[str, RunOutput]:
+    """`teacher_full` and `teacher_few` from one loaded pipeline."""
+    ev = params.evaluate
+    pipe = load_teacher_pipeline(params, device)
+    video = VideoSpec.from_params(params)
+    shape = latent_shape(pipe.transformer, pipe.vae, video)
+    decoder = LatentDecoder(pipe.vae)
+    runs = {}
+    for name, steps in (("teacher_full", ev.teacher_steps), ("teacher_few", few_steps)):
+        sampler = TeacherSampler(
+            pipe, steps, ev.teacher_guidance, params.negative_prompt, params.model.max_sequence_length
+        )
+        torch.manual_seed(ev.seed)
+        runs[name] = run_sampler(
+            name, sampler, decoder, items, shape, device, ev.warmup, Path(ev.videos_dir), video.fps, progress
+        )
+        runs[name].info = {"scheduler": pipe.scheduler.__class__.__name__}
+    del pipe
+    _free(device)
+    return runs
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_runs(
+    params: Params, items: list[EvalItem], runs: dict[str, RunOutput], device: torch.device | None = None
+) -> dict:
+    """metrics/eval.json's content: one object per run, the speed-ups, the toy gap closure, the setup."""
+    ev = params.evaluate
+    device = device or pick_device()
+    missing = [r for r in RUNS if r not in runs]
+    if missing:
+        raise EvaluationError(f"runs {missing} are missing; the comparison needs {list(RUNS)}")
+    metrics: dict = {}
+    for name in RUNS:
+        run = runs[name]
+        metrics[name] = {"steps": run.steps, "guidance": run.guidance, **run.speed.as_dict()}
+    full, student = metrics["teacher_full"], metrics["student"]
+    metrics["speedup_end_to_end"] = speedup(full["seconds_per_video"], student["seconds_per_video"])
+    metrics["speedup_dit"] = speedup(full["dit_seconds_per_video"], student["dit_seconds_per_video"])
+    metrics["nfe_ratio"] = full["nfe"] / student["nfe"]
+
+    setup: dict = {}
+    if ev.prompts == "toy":
+        _judge(params, items, runs, metrics)
+    feature = None
+    if ev.feature_model:
+        feature = FeatureModel(ev.feature_model, "evaluate.feature_model", device, ev.feature_batch_size)
+        frames = {name: feature.frame_features(runs[name].clips) for name in RUNS}
+        for name in RUNS:
+            metrics[name]["fd_to_teacher_full"] = frechet_distance(
+                video_features(frames[name]), video_features(frames["teacher_full"])
+            )
+    if ev.clip_model_path:
+        if feature is not None and ev.clip_model_path == ev.feature_model:
+            clip = feature
+        else:
+            clip = FeatureModel(ev.clip_model_path, "evaluate.clip_model", device, ev.feature_batch_size)
+            frames = {name: clip.frame_features(runs[name].clips) for name in RUNS}
+        if clip.has_text or ev.clip_model:
+            text = clip.text_features([it.prompt for it in items])
+            for name in RUNS:
+                metrics[name]["clip_score"] = clip_score(frames[name], text)
+        else:
+            setup["clip_score_skipped"] = (
+                f"evaluate.feature_model ({clip.model_type}) has no text tower; set evaluate.clip_model to a CLIP"
+            )
+    metrics["setup"] = {
+        **setup,
+        "prompts": len({it.prompt for it in items}),
+        "seeds_per_prompt": len({it.seed for it in items}),
+        "videos_per_run": len(items),
+        "device": full["device"],
+        "feature_model": ev.feature_model,
+        "clip_model": ev.clip_model_path,
+        **{f"student_{k}": v for k, v in runs["student"].info.items()},
+        "teacher": params.model.pretrained_model_name_or_path,
+        "teacher_scheduler": runs["teacher_full"].info.get("scheduler"),
+    }
+    return metrics
+
+
+def _judge(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> None:
+    """The toy judge for every run (its own fixed set of real clips per caption as the reference), and the share
+    of the few-step → full teacher gap the student closes."""
+    from dmd.toy.judge import judge_clips
+    from dmd.toy.world import ToyWorld
+
+    world = ToyWorld(params.toy)
+    captions = [it.prompt for it in items]
+    for name in RUNS:
+        scores = judge_clips(runs[name].clips, captions, world)
+        scores.pop("clips", None)  # per-clip details: too long for a metrics file
+        metrics[name]["judge"] = _plain(scores)
+    judged = {name: metrics[name]["judge"] for name in RUNS}
+    closed = {}
+    for key in ("sharpness", "fd"):
+        if all(isinstance(judged[n].get(key), (int, float)) for n in RUNS):
+            closed[key] = gap_closed(
+                judged["teacher_few"][key], judged["teacher_full"][key], judged["student"][key]
+            )
+    metrics["gap_closed"] = closed
+
+
+def _plain(value):
+    """JSON-ready copy (numpy scalars → float)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_label(run: RunOutput) -> str:
+    """e.g. 'teacher full (50 steps, CFG 3)'."""
+    cfg = f", CFG {run.guidance:g}" if run.guidance > 1 else ""
+    return f"{RUN_LABELS[run.name]} ({run.steps} steps{cfg})"
+
+
+def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> Path:
+    """metrics/eval.json and reports/eval.md (with its PNG grid and GIFs); returns the report's path."""
+    from dmd.report import write_report
+
+    ev = params.evaluate
+    write_json(ev.metrics_path, metrics)
+    first_seed = [i for i, it in enumerate(items) if it.seed == ev.seed]
+    return write_report(
+        Path(ev.report_dir),
+        metrics,
+        prompts=[items[i].prompt for i in first_seed],
+        clips={name: [runs[name].clips[i] for i in first_seed] for name in RUNS},
+        videos={name: [(it.stem, p) for it, p in zip(items, runs[name].videos)] for name in RUNS},
+        labels={name: run_label(runs[name]) for name in RUNS},
+        fps=VideoSpec.from_params(params).fps,
+        grid_frames=ev.grid_frames,
+    )
+
+
+def evaluate(params: Params, progress: bool = True) -> dict:
+    """Run the three runs, score them, write metrics, videos and the report; return the metrics."""
+    device = pick_device()
+    items = plan(params)
+    student = run_student(params, items, device, progress)
+    runs = {**run_teacher(params, items, student.steps, device, progress), "student": student}
+    metrics = score_runs(params, items, runs, device)
+    write_outputs(params, items, runs, metrics)
+    return metrics
+
+
+def log_summary(metrics: dict) -> None:
+    log.info(
+        "speed-up vs %d-step teacher: %.1f× DiT, %.1f× end to end (NFE %g → %g)",
+        metrics["teacher_full"]["steps"],
+        metrics["speedup_dit"],
+        metrics["speedup_end_to_end"],
+        metrics["teacher_full"]["nfe"],
+        metrics["student"]["nfe"],
+    )

@@ -1,0 +1,301 @@
+"""The trained student as plain diffusers loads it, plus what our own sampler needs.
+
+`train.output_dir` gets:
+- `pytorch_lora_weights.safetensors` (LoRA student; `WanPipeline.load_lora_weights(dir)` loads it, rank and alpha
+  in its metadata) or `transformer/` (full student; `WanTransformer3DModel.from_pretrained(dir, subfolder=...)`);
+- `scheduler/scheduler_config.json`: a `FlowMatchEulerDiscreteScheduler` with `stochastic_sampling=True` whose
+  `set_timesteps(num_steps)` yields the student's σs. Its step is x0 = x − σ·v, then re-noise to the next σ: for a
+  single-block student exactly our rollout, so `WanPipeline` with this scheduler and `num_inference_steps=num_steps`
+  samples like `dmd sample` (with `torch.manual_seed(seed)` and no generator, the pipeline draws the initial and
+  the re-noising noise from one stream, as `dmd sample --seed` does);
+- `student.json`: steps, σs, time-block settings, teacher, whether the weights are the EMA's;
+- `README.md`: a model card with the training settings and, when `evaluate.metrics_path` exists, its figures.
+
+Files are written one by one atomically, `student.json` last, so a directory with `student.json` is complete;
+the `validation/` folder that training writes there is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+from dmd.config import Params
+from dmd.io import atomic_dir, write_json, write_text
+from dmd.rollout import RolloutSchedule
+from dmd.schedule import denoising_sigmas
+
+log = logging.getLogger(__name__)
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+STUDENT_CARD = "student.json"
+STUDENT_ADAPTER = "student"
+# σs the shipped scheduler config reproduces within this are treated as exact
+SIGMA_TOLERANCE = 1e-5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The few-step scheduler config
+
+
+def scheduler_sigmas(config: dict, num_steps: int) -> np.ndarray:
+    """The σs diffusers' FlowMatchEulerDiscreteScheduler(**config) steps through for `num_steps` (terminal 0 dropped)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas[:-1].numpy().astype(np.float64)
+
+
+def fit_scheduler_config(sigmas: list[float]) -> tuple[dict, float]:
+    """(config, max |σ error|) of a stochastic FlowMatchEulerDiscreteScheduler that steps through `sigmas`.
+
+    WanPipeline calls `set_timesteps(n)` without σs, so the σs must come from the config: σ = shift(linspace(1,
+    σ_min, n), shift), stretched so the last one is `shift_terminal`. With the first σ at 1, one or two steps fit
+    exactly for any values and three for almost any; longer schedules fit when they have that form (e.g. evenly
+    spaced), otherwise the closest shift is taken and the error returned (student.json and the card report it).
+    """
+    target = np.asarray(sigmas, dtype=np.float64)
+    n = len(target)
+    base = {"num_train_timesteps": 1000, "stochastic_sampling": True, "shift": 1.0}
+    if n == 1:
+        return base, float(abs(scheduler_sigmas(base, 1) - target).max())
+    config = dict(base, shift_terminal=float(target[-1]))
+    if n == 2:  # the stretch alone places the second σ
+        return config, float(abs(scheduler_sigmas(config, 2) - target).max())
+
+    def error(log_shift: float) -> float:
+        return float(abs(scheduler_sigmas(dict(config, shift=math.exp(log_shift)), n) - target).max())
+
+    grid = np.linspace(math.log(0.02), math.log(50.0), 121)
+    best = min(grid, key=error)
+    step = grid[1] - grid[0]
+    lo, hi = best - step, best + step
+    for _ in range(60):  # golden-section refinement around the best grid point
+        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        if error(a) < error(b):
+            hi = b
+        else:
+            lo = a
+    config["shift"] = math.exp((lo + hi) / 2)
+    return config, error(math.log(config["shift"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def student_card(
+    params: Params, schedule: RolloutSchedule, *, ema: bool, step: int, sigma_error: float
+) -> dict:
+    train, dc = params.train, params.train.distillation_config
+    return {
+        "format": "dmd-student/1",
+        "distillation_method": train.distillation_method,
+        "model_family": params.model.model_family,
+        "model_type": train.model_type,
+        "lora_type": train.lora_type if train.model_type == "lora" else None,
+        "num_steps": schedule.num_steps,
+        "dmd_denoising_steps": list(dc.dmd_denoising_steps),
+        "warp_denoising_steps": dc.warp_denoising_steps,
+        "sigmas": [float(s) for s in schedule.sigmas],
+        "num_frame_per_block": schedule.num_frame_per_block,
+        "independent_first_frame": schedule.independent_first_frame,
+        "context_sigma": schedule.context_sigma,
+        "single_block_training": dc.num_frame_per_block >= dc.num_training_frames
+        and not dc.independent_first_frame,
+        "scheduler_sigma_error": sigma_error,
+        "teacher": params.model.pretrained_model_name_or_path,
+        "teacher_revision": params.model.revision,
+        "lora_rank": train.lora_rank if train.model_type == "lora" else None,
+        "lora_alpha": train.lora_alpha if train.model_type == "lora" else None,
+        "ema": ema,
+        "ema_decay": train.ema_decay if ema else None,
+        "train_steps": step,
+        "guidance": 1.0,
+    }
+
+
+def export_student(
+    transformer: WanTransformer3DModel,
+    params: Params,
+    output_dir: str | Path,
+    *,
+    ema: bool,
+    step: int,
+) -> Path:
+    """Write the student (the weights `transformer` holds now; swap EMA weights in before calling) to `output_dir`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STUDENT_CARD).unlink(missing_ok=True)  # the directory is incomplete until the card is back
+    for stale in (LORA_WEIGHTS, "transformer", "scheduler"):
+        path = out / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    if params.train.model_type == "lora":
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(transformer, adapter_name=STUDENT_ADAPTER)
+        metadata = transformer.peft_config[STUDENT_ADAPTER].to_dict()
+        with atomic_dir(out / ".lora") as tmp:
+            WanPipeline.save_lora_weights(
+                tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+            )
+        (out / ".lora" / LORA_WEIGHTS).replace(out / LORA_WEIGHTS)
+        shutil.rmtree(out / ".lora")
+    else:
+        with atomic_dir(out / "transformer") as tmp:
+            transformer.save_pretrained(tmp, safe_serialization=True)
+
+    schedule = RolloutSchedule.from_params(params)
+    config, sigma_error = fit_scheduler_config(list(schedule.sigmas))
+    if sigma_error > SIGMA_TOLERANCE:
+        log.warning(
+            "the shipped scheduler config reproduces the student's σs %s only within %.2g; diffusers pipelines "
+            "will sample slightly off the trained steps (dmd sample uses them exactly)",
+            [round(s, 4) for s in schedule.sigmas],
+            sigma_error,
+        )
+    with atomic_dir(out / "scheduler") as tmp:
+        FlowMatchEulerDiscreteScheduler(**config).save_pretrained(tmp)
+
+    card = student_card(params, schedule, ema=ema, step=step, sigma_error=sigma_error)
+    write_model_card(out, params, card)
+    write_json(out / STUDENT_CARD, card)
+    log.info("exported the %d-step student to %s", schedule.num_steps, out)
+    return out
+
+
+def write_model_card(student_dir: str | Path, params: Params, card: dict | None = None) -> Path:
+    """README.md of the student: how to load it, its steps, the training settings, evaluation figures if any."""
+    student_dir = Path(student_dir)
+    card = card or json.loads((student_dir / STUDENT_CARD).read_text())
+    teacher = card["teacher"]
+    load = (
+        f'pipe.load_lora_weights("{student_dir.name}", weight_name="{LORA_WEIGHTS}")'
+        if card["model_type"] == "lora"
+        else f'pipe.transformer = WanTransformer3DModel.from_pretrained("{student_dir.name}", subfolder="transformer")'
+    )
+    lines = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {teacher}",
+        "tags: [text-to-video, wan, dmd, distillation, few-step]",
+        "---",
+        "",
+        f"# {card['num_steps']}-step DMD student of {teacher}",
+        "",
+        f"Distilled with Distribution Matching Distillation for {card['train_steps']} steps"
+        f"{' (EMA weights, decay ' + str(card['ema_decay']) + ')' if card['ema'] else ''}. "
+        f"It samples in {card['num_steps']} steps at σ = {', '.join(f'{s:.4g}' for s in card['sigmas'])} "
+        "without classifier-free guidance.",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
+        "",
+        f'pipe = WanPipeline.from_pretrained("{teacher}")',
+        load,
+        f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{student_dir.name}", subfolder="scheduler")',
+        "torch.manual_seed(0)",
+        f'video = pipe("a prompt", num_inference_steps={card["num_steps"]}, guidance_scale=1.0).frames[0]',
+        "```",
+        "",
+        f'or `dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` (same result for a '
+        "single-block student).",
+        "",
+    ]
+    if not card["single_block_training"]:
+        lines += [
+            "Trained with time blocks (self-forcing rollout); the diffusers scheduler samples the whole clip as one "
+            "block, `dmd sample` reproduces the block-wise rollout.",
+            "",
+        ]
+    if card["scheduler_sigma_error"] > SIGMA_TOLERANCE:
+        lines += [
+            f"The scheduler config matches the student's σs within {card['scheduler_sigma_error']:.2g}.",
+            "",
+        ]
+    settings = yaml.safe_dump(
+        {"train": params.train.model_dump(mode="json")}, sort_keys=False, allow_unicode=True
+    )
+    lines += ["## Training settings", "", "```yaml", settings.rstrip(), "```", ""]
+    metrics_path = Path(params.evaluate.metrics_path)
+    if metrics_path.is_file():
+        figures = _flatten(json.loads(metrics_path.read_text()))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(metrics_path.stat().st_mtime))
+        lines += [
+            "## Evaluation",
+            "",
+            f"From `{metrics_path}` ({when}; the latest evaluation, which precedes this export when the student "
+            "has not been evaluated yet):",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()
+        ]
+        lines.append("")
+    grids = sorted((student_dir / "validation").glob("step-*/grid*.png"))
+    if grids:
+        lines += ["## Validation", "", f"![validation]({grids[-1].relative_to(student_dir).as_posix()})", ""]
+    path = student_dir / "README.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}; lists are left out of the card's table."""
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(data, (int, float, str, bool)) and prefix:
+        return {prefix[:-1]: data}
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_card(student_dir: str | Path) -> dict:
+    path = Path(student_dir) / STUDENT_CARD
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{Path(student_dir)}: no {STUDENT_CARD}, so this is not a complete exported student; "
+            "run `dmd train` (it exports at the end) or point at the exported directory"
+        )
+    return json.loads(path.read_text())
+
+
+def schedule_from_card(card: dict) -> RolloutSchedule:
+    sigmas = card.get("sigmas") or denoising_sigmas(card["dmd_denoising_steps"]).tolist()
+    return RolloutSchedule(
+        sigmas=tuple(float(s) for s in sigmas),
+        num_frame_per_block=card["num_frame_per_block"],
+        independent_first_frame=card["independent_first_frame"],
+        context_sigma=card["context_sigma"],
+    )
+
+
+def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransformer3DModel, RolloutSchedule]:
+    """(transformer with the student's weights, the student's RolloutSchedule); the teacher from `params.model`."""
+    from dmd.wan import load_transformer
+
+    student_dir = Path(student_dir)
+    card = read_card(student_dir)
+    if card["model_type"] == "full":
+        transformer = WanTransformer3DModel.from_pretrained(student_dir, subfolder="transformer")
+    else:
+        transformer = load_transformer(params.model)
+        transformer.load_lora_adapter(
+            str(student_dir), weight_name=LORA_WEIGHTS, adapter_name=STUDENT_ADAPTER, prefix="transformer"
+        )
+    transformer.eval().requires_grad_(False)
+    return transformer, schedule_from_card(card)

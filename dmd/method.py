@@ -1,0 +1,279 @@
+"""DMD (Distribution Matching Distillation): the losses as small pure functions, and `DMDMethod`, which runs
+one step of them on the three roles (DESIGN.md, "DMD, one training step").
+
+The method computes losses and metrics only; the training loop owns backward passes and optimizer steps:
+
+    loss, m = method.critic_loss(batch, gen); loss.backward(); method.clip_critic_gradients(); critic_opt.step()
+    if method.updates_generator(step):
+        loss, m = method.generator_loss(batch, gen); loss.backward(); ...; student_opt.step()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dmd.config import Params
+from dmd.flow_matching import add_noise, classifier_free_guidance, sigma_to_timestep, x0_from_velocity
+from dmd.roles import Roles
+from dmd.rollout import RolloutSchedule, VelocityFn, rollout
+from dmd.schedule import ScoreTimestepRange, choose_exit_indices, exit_bounds
+
+NORMALISER_FLOOR = 1e-6
+
+
+# ---- pure maths -----------------------------------------------------------------------------------------------
+
+
+def dmd_gradient(
+    x0_student: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, floor: float = NORMALISER_FLOOR
+) -> torch.Tensor:
+    """g = (f − r) / mean_{C,T,H,W}|x̂0 − r|, normalised per sample (the floor keeps the division finite)."""
+    dims = tuple(range(1, x0_student.ndim))
+    normaliser = (x0_student - real_x0).abs().mean(dim=dims, keepdim=True).clamp_min(floor)
+    return (fake_x0 - real_x0) / normaliser
+
+
+def dmd_loss(x0_student: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """½·mean((x̂0 − sg(x̂0 − g))²): its gradient with respect to x̂0 is g / N."""
+    target = (x0_student - gradient).detach()
+    return 0.5 * ((x0_student - target) ** 2).mean()
+
+
+def critic_flow_matching_loss(
+    velocity_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """mean((F_v(x_σ) − (ε − x̂0))²): the critic learns the student's distribution by flow matching."""
+    return ((velocity_pred - (noise - x0.detach())) ** 2).mean()
+
+
+def regression_loss(x0_student: torch.Tensor, teacher_x0: torch.Tensor) -> torch.Tensor:
+    """mean((G(ε) − y)²) on the teacher's own (noise ε → latents y) pairs: the original DMD's mode-collapse guard."""
+    return ((x0_student - teacher_x0) ** 2).mean()
+
+
+def guided_x0(
+    model: VelocityFn,
+    x_BCTHW: torch.Tensor,
+    sigma_B: torch.Tensor,
+    cond_BLD: torch.Tensor,
+    uncond_BLD: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """x0-prediction of `model` at per-sample σ, with CFG x_u + w·(x_c − x_u) when `uncond_BLD` is given and
+    w ≠ 1 (cond and uncond run as one batch)."""
+    frame_timesteps_BT = sigma_to_timestep(sigma_B)[:, None].expand(-1, x_BCTHW.shape[2])
+    if uncond_BLD is None or guidance_scale == 1.0:
+        return x0_from_velocity(x_BCTHW, model(x_BCTHW, frame_timesteps_BT, cond_BLD), sigma_B)
+    velocity = model(
+        torch.cat([x_BCTHW, x_BCTHW]),
+        torch.cat([frame_timesteps_BT, frame_timesteps_BT]),
+        torch.cat([cond_BLD, uncond_BLD]),
+    )
+    cond_v, uncond_v = velocity.chunk(2)
+    x0_cond = x0_from_velocity(x_BCTHW, cond_v, sigma_B)
+    x0_uncond = x0_from_velocity(x_BCTHW, uncond_v, sigma_B)
+    return classifier_free_guidance(x0_cond, x0_uncond, guidance_scale)
+
+
+# ---- the method -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Conditioning:
+    latents_BCTHW: torch.Tensor
+    prompt_embeds_BLD: torch.Tensor
+    negative_BLD: torch.Tensor
+    teacher_noise_BCTHW: torch.Tensor | None
+
+
+class DMDMethod:
+    """One DMD step on `roles`: `critic_loss` every step, `generator_loss` when `updates_generator(step)`.
+
+    `negative_prompt_embeds` (1, L, D) are the unconditional side of both scores' CFG (as the teacher's own
+    sampling used them); `empty_prompt_embeds` (1, L, D) replace a sample's prompt with probability
+    `train.caption_dropout_probability` (for student and scores alike).
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        roles: Roles,
+        negative_prompt_embeds: torch.Tensor,
+        empty_prompt_embeds: torch.Tensor,
+    ):
+        self.params = params
+        self.config = params.train.distillation_config
+        self.roles = roles
+        self.schedule = RolloutSchedule.from_params(params)
+        self.score_range = ScoreTimestepRange.from_config(self.config)
+        self.device = roles.base.scale_shift_table.device
+        self.negative_prompt_embeds = negative_prompt_embeds.to(self.device, torch.float32)
+        self.empty_prompt_embeds = empty_prompt_embeds.to(self.device, torch.float32)
+        self.caption_dropout_probability = params.train.caption_dropout_probability
+
+    # ---- the interface the training loop calls -------------------------------------------------------------------
+
+    def updates_generator(self, step: int) -> bool:
+        """True on steps 0, n, 2n, … for n = generator_update_interval (the critic updates on every step)."""
+        return step % self.config.generator_update_interval == 0
+
+    def student_parameters(self) -> list[torch.nn.Parameter]:
+        return self.roles.student_parameters()
+
+    def critic_parameters(self) -> list[torch.nn.Parameter]:
+        return self.roles.critic_parameters()
+
+    def critic_optimizer(self) -> torch.optim.AdamW:
+        """The critic's own AdamW, from fake_score_lr / _weight_decay / _betas / _eps."""
+        c = self.config
+        return torch.optim.AdamW(
+            self.critic_parameters(),
+            lr=c.fake_score_lr,
+            weight_decay=c.fake_score_weight_decay,
+            betas=tuple(c.fake_score_betas),
+            eps=c.fake_score_eps,
+        )
+
+    def clip_critic_gradients(self) -> float:
+        """Clip the critic's gradient norm to fake_score_grad_clip (0: no clipping); returns the norm before."""
+        params = [p for p in self.critic_parameters() if p.grad is not None]
+        limit = self.config.fake_score_grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, limit if limit > 0 else float("inf"))
+        return float(norm)
+
+    def generator_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_dmd (+ regression_loss_weight · L_reg); the gradient reaches only the student's exit steps."""
+        cond = self._conditioning(batch, generator)
+        x0_student, exits = self._rollout(cond, generator)
+        b = x0_student.shape[0]
+        sigma_s = self._score_sigmas(b, exits, generator)
+        noise = self._randn(x0_student, generator)
+        with torch.no_grad():
+            x_s = add_noise(x0_student.detach(), noise, sigma_s)
+            real_x0 = guided_x0(
+                self.roles.real,
+                x_s,
+                sigma_s,
+                cond.prompt_embeds_BLD,
+                cond.negative_BLD,
+                self.config.real_score_guidance_scale,
+            )
+            fake_scale = self.config.fake_score_guidance_scale
+            fake_x0 = guided_x0(
+                self.roles.fake,
+                x_s,
+                sigma_s,
+                cond.prompt_embeds_BLD,
+                cond.negative_BLD if fake_scale > 0 else None,
+                fake_scale,
+            )
+            gradient = dmd_gradient(x0_student.detach(), real_x0, fake_x0)
+        loss = dmd_loss(x0_student, gradient)
+        metrics = {
+            "dmd_loss": float(loss.detach()),
+            "dmd_gradient_abs": float(gradient.abs().mean()),
+            "score_sigma": float(sigma_s.mean()),
+            "exit_step": sum(exits) / len(exits),
+        }
+        if self.config.regression_loss_weight > 0:
+            reg = self._regression_loss(cond, generator)
+            loss = loss + self.config.regression_loss_weight * reg
+            metrics["regression_loss"] = float(reg.detach())
+        metrics["generator_loss"] = float(loss.detach())
+        return loss, metrics
+
+    def critic_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Flow-matching loss of the critic on a detached rollout of the student."""
+        cond = self._conditioning(batch, generator)
+        with torch.no_grad():
+            x0_student, exits = self._rollout(cond, generator)
+        sigma = self._score_sigmas(x0_student.shape[0], exits, generator)
+        noise = self._randn(x0_student, generator)
+        x_sigma = add_noise(x0_student, noise, sigma)
+        frame_timesteps_BT = sigma_to_timestep(sigma)[:, None].expand(-1, x_sigma.shape[2])
+        velocity = self.roles.fake(x_sigma, frame_timesteps_BT, cond.prompt_embeds_BLD)
+        loss = critic_flow_matching_loss(velocity, x0_student, noise)
+        return loss, {"critic_loss": float(loss.detach()), "critic_sigma": float(sigma.mean())}
+
+    # ---- the parts -----------------------------------------------------------------------------------------------
+
+    def _conditioning(self, batch, generator: torch.Generator) -> _Conditioning:
+        latents = batch.latents_BCTHW.to(self.device, torch.float32)
+        frames = self.schedule.training_frames(latents.shape[2])
+        prompts = batch.prompt_embeds_BLD.to(self.device, torch.float32)
+        b, length = prompts.shape[:2]
+        for name, emb in (("negative", self.negative_prompt_embeds), ("empty", self.empty_prompt_embeds)):
+            if emb.shape[-2:] != prompts.shape[-2:]:
+                raise ValueError(
+                    f"the {name} prompt embeddings are {tuple(emb.shape[-2:])} but the batch's are "
+                    f"{tuple(prompts.shape[-2:])}; rebuild the cache with one model.max_sequence_length"
+                )
+        if self.caption_dropout_probability > 0:
+            drop = (
+                torch.rand(b, generator=generator, device=generator.device) < self.caption_dropout_probability
+            )
+            prompts = torch.where(drop.to(self.device)[:, None, None], self.empty_prompt_embeds, prompts)
+        teacher_noise = batch.noise_BCTHW
+        if teacher_noise is not None:
+            teacher_noise = teacher_noise.to(self.device, torch.float32)[:, :, :frames]
+        return _Conditioning(
+            latents_BCTHW=latents[:, :, :frames],
+            prompt_embeds_BLD=prompts,
+            negative_BLD=self.negative_prompt_embeds.expand(b, length, -1),
+            teacher_noise_BCTHW=teacher_noise,
+        )
+
+    def _rollout(self, cond: _Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+        latents = cond.latents_BCTHW
+        n_blocks = len(self.schedule.block_ranges(latents.shape[2]))
+        exits = choose_exit_indices(
+            self.schedule.num_steps,
+            n_blocks,
+            generator,
+            same_step_across_blocks=self.config.same_step_across_blocks,
+            last_step_only=self.config.last_step_only,
+        )
+        start = latents if self.config.rollout_from == "data" else None
+        x0 = rollout(
+            self.roles.student,
+            cond.prompt_embeds_BLD,
+            self._randn(latents, generator),
+            self.schedule,
+            exits,
+            generator,
+            start_latents_BCTHW=start,
+        )
+        return x0, exits
+
+    def _score_sigmas(self, batch_size: int, exits: list[int], generator: torch.Generator) -> torch.Tensor:
+        shared_exit = exits[0] if len(set(exits)) == 1 else None
+        floor, ceiling = exit_bounds(
+            torch.tensor(self.schedule.sigmas),
+            shared_exit,
+            ts_schedule=self.config.ts_schedule,
+            ts_schedule_max=self.config.ts_schedule_max,
+        )
+        return self.score_range.sample(batch_size, generator, floor, ceiling).to(self.device)
+
+    def _regression_loss(self, cond: _Conditioning, generator: torch.Generator) -> torch.Tensor:
+        if cond.teacher_noise_BCTHW is None:
+            raise ValueError(
+                "train.distillation_config.regression_loss_weight > 0 needs the teacher's initial noise in the "
+                "cache: set generate.save_noise: true, regenerate and re-cache, or set regression_loss_weight: 0"
+            )
+        n_blocks = len(self.schedule.block_ranges(cond.latents_BCTHW.shape[2]))
+        # the first step is the student's only deterministic map from the teacher's noise to a clip
+        x0 = rollout(
+            self.roles.student,
+            cond.prompt_embeds_BLD,
+            cond.teacher_noise_BCTHW,
+            self.schedule,
+            [0] * n_blocks,
+            generator,
+        )
+        return regression_loss(x0, cond.latents_BCTHW)
+
+    def _randn(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(like.shape, generator=generator, device=generator.device).to(self.device)

@@ -1,0 +1,313 @@
+"""The `generate-teacher-data` flow (`dmd generate`) and its backfill (`dmd backfill`, deployment
+`generate-teacher-data/backfill`).
+
+`dmd generate [--shards A:B]` maps the shard task over the shards of A:B (default: the whole target) that are
+missing or stale, logs progress, and writes the top-level manifest and params.effective.yaml. The task runner is
+`generate.task_runner`: threads in this process, or Dask (a local cluster, or `generate.dask_address`) to spread
+shards over machines.
+
+Backfill. The deployment `generate-teacher-data/backfill` runs on the schedule in params
+(`generate.backfill_interval_seconds` or `generate.backfill_cron`); each scheduled run generates the next
+`generate.backfill_shards_per_run` missing shards of the target. `dmd backfill --shards A:B --per-run K` creates
+scheduled runs for a range on the Prefect server at PREFECT_API_URL, K shards each, spaced by `--every` from
+`--start-at`; each run's shard range is in its parameters (never derived from the clock) and its idempotency
+key is `backfill-{a}-{b}-{settings hash}`, so repeating the command creates nothing new. The deployment is
+registered when missing. Its runs are executed by a runner serving it: `dmd serve` (which serves it together with
+`dmd-pipeline/default`), started in the project directory; to run them on other machines instead, deploy the flow
+to a work pool and start `prefect worker start --pool POOL` there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dmd.config import GenerateConfig, Params, dump, load
+from dmd.generate import (
+    GenerationError,
+    GenerationPlan,
+    missing_shards,
+    parse_shard_range,
+    prepare,
+    settings_hash,
+    write_manifest,
+)
+from dmd.io import write_text
+from dmd.prompts import PromptLibraryError
+from dmd.wan import ModelNotFoundError
+from tasks.generate import GPU_LIMIT, generate_shard_task
+
+FLOW_NAME = "generate-teacher-data"
+BACKFILL = "backfill"
+INPUT_ERRORS = (GenerationError, PromptLibraryError, ModelNotFoundError)
+
+
+@flow(name=FLOW_NAME)
+def generate_teacher_data(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    shards: str | None = None,
+    max_shards: int | None = None,
+) -> dict:
+    """Generate the missing shards of `shards` ('A:B', default all), at most `max_shards` of them."""
+    logger = get_run_logger()
+    params = load(params_file, overrides)
+    plan = prepare(params)
+    todo = missing_shards(plan, parse_shard_range(shards, plan.num_shards))
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    write_text(plan.output_dir / "params.effective.yaml", dump(params))
+    logger.info(
+        "%d shard(s) to generate of %s (target: %d shards, %d videos) into %s",
+        len(todo),
+        shards or "all",
+        plan.num_shards,
+        params.generate.num_videos,
+        plan.output_dir,
+    )
+    results, failed = _run_shards(plan, todo, logger) if todo else ([], [])
+    manifest = write_manifest(plan)
+    left = len(missing_shards(plan))
+    logger.info(
+        "%d of %d shard(s) complete, %d video(s) in %s",
+        plan.num_shards - left,
+        plan.num_shards,
+        len(manifest),
+        plan.output_dir / "manifest.parquet",
+    )
+    if failed:
+        raise RuntimeError(
+            f"shard(s) {failed} failed after {params.generate.retries} retries; see the log above"
+        )
+    return {
+        "generated_shards": [r["shard"] for r in results if r["videos"]],
+        "videos": sum(r["videos"] for r in results),
+        "complete_shards": plan.num_shards - left,
+        "target_shards": plan.num_shards,
+    }
+
+
+def _run_shards(plan: GenerationPlan, todo: list[int], logger) -> tuple[list[dict], list[int]]:
+    cfg = plan.params.generate
+    limit = _gpu_limit(logger)
+    task = generate_shard_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
+    total = sum(len(plan.samples(k)) for k in todo)
+    done, results, failed = 0, [], []
+    start = time.perf_counter()
+    with _task_runner(cfg) as runner:
+        futures = {
+            runner.submit(task, {"plan": plan, "shard": k, "concurrency_limit": limit}): k for k in todo
+        }
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # the task's own error, after its retries; the other shards go on
+                logger.error("shard %d failed: %s", shard, e)
+                failed.append(shard)
+                continue
+            results.append(result)
+            done += len(plan.samples(shard))
+            elapsed = time.perf_counter() - start
+            rate = done / elapsed
+            logger.info(
+                "shard %d done (%d videos, %.1f s, teacher %.1f s) | %d/%d videos, %.2f videos/s, ETA %.0f s",
+                shard,
+                result["videos"],
+                result["seconds"],
+                result["sampling_seconds"],
+                done,
+                total,
+                rate,
+                (total - done) / rate,
+            )
+    return results, sorted(failed)
+
+
+def _task_runner(cfg: GenerateConfig):
+    if cfg.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner(max_workers=cfg.workers)
+
+
+def _gpu_limit(logger) -> str | None:
+    """GPU_LIMIT when the server has that global concurrency limit, else None (shards are then not throttled)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            logger.info(
+                "no global concurrency limit '%s': shards are not throttled across flow runs "
+                "(create one with `prefect gcl create %s --limit N`, N = accelerators)",
+                GPU_LIMIT,
+                GPU_LIMIT,
+            )
+            return None
+    logger.info("each shard holds a slot of the global concurrency limit '%s'", GPU_LIMIT)
+    return GPU_LIMIT
+
+
+def main(args) -> int:
+    """`dmd generate`: inputs are checked here, before Prefect starts, so bad input costs no sampling."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        plan = prepare(load(args.params, args.overrides))
+        parse_shard_range(args.shards, plan.num_shards)
+        generate_teacher_data(params_file=args.params, overrides=args.overrides, shards=args.shards)
+    except INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backfill
+
+
+def backfill_deployment(params_file: str = "params.yaml", overrides: list[str] | None = None):
+    """The `generate-teacher-data/backfill` RunnerDeployment: on its schedule, the next missing shards."""
+    cfg = load(params_file, overrides).generate
+    return generate_teacher_data.to_deployment(
+        name=BACKFILL,
+        interval=cfg.backfill_interval_seconds,
+        cron=cfg.backfill_cron,
+        parameters={
+            "params_file": params_file,
+            "overrides": list(overrides or []),
+            "max_shards": cfg.backfill_shards_per_run,
+        },
+        description="Teacher data backfill: each run generates the next missing shards (or the range it is given).",
+        tags=["dmd", "generate", "backfill"],
+    )
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '10m', '1h30m', '2d' or a number of seconds."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return timedelta(seconds=float(text))
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
+        raise GenerationError(f"--every {text!r}: expected a duration such as 90s, 10m, 1h30m or 2d")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
+
+
+def parse_time(text: str | None) -> datetime:
+    """An ISO time (local time when it has no zone); None means now."""
+    if text is None:
+        return datetime.now(timezone.utc)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise GenerationError(f"--start-at {text!r}: expected an ISO time such as 2025-01-31T22:00") from None
+    return when if when.tzinfo else when.astimezone()
+
+
+def backfill_chunks(shards: range, per_run: int) -> list[range]:
+    if per_run < 1:
+        raise GenerationError(f"--per-run {per_run}: must be at least 1")
+    return [range(a, min(a + per_run, shards.stop)) for a in range(shards.start, shards.stop, per_run)]
+
+
+def schedule_backfill(
+    params: Params,
+    params_file: str,
+    overrides: list[str] | None,
+    chunks: list[range],
+    start: datetime,
+    every: timedelta,
+) -> tuple[list, list]:
+    """Create one scheduled run per chunk of shards on the server; returns (created runs, already existing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterIdempotencyKey,
+    )
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Scheduled
+
+    tag = settings_hash(params)
+    keys = {f"backfill-{c.start}-{c.stop}-{tag}": (i, c) for i, c in enumerate(chunks)}
+    created, existing = [], []
+    with get_client(sync_client=True) as client:
+        try:
+            deployment_id = client.read_deployment_by_name(f"{FLOW_NAME}/{BACKFILL}").id
+        except ObjectNotFound:
+            deployment_id = backfill_deployment(params_file, overrides).apply()
+        found = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+                idempotency_key=FlowRunFilterIdempotencyKey(any_=list(keys)),
+            )
+        )
+        existing = sorted(found, key=lambda r: r.idempotency_key)
+        known = {r.idempotency_key for r in found}
+        for key, (i, chunk) in keys.items():
+            if key in known:
+                continue
+            created.append(
+                client.create_flow_run_from_deployment(
+                    deployment_id,
+                    parameters={
+                        "params_file": params_file,
+                        "overrides": list(overrides or []),
+                        "shards": f"{chunk.start}:{chunk.stop}",
+                        "max_shards": None,
+                    },
+                    state=Scheduled(scheduled_time=start + i * every),
+                    name=f"backfill-shards-{chunk.start:05d}-{chunk.stop:05d}",
+                    tags=["backfill"],
+                    idempotency_key=key,
+                )
+            )
+    return created, existing
+
+
+def backfill_main(args) -> int:
+    """`dmd backfill --shards A:B [--per-run K] [--start-at TIME] [--every DURATION]`."""
+    from prefect.settings import get_current_settings
+
+    params = load(args.params, args.overrides)
+    try:
+        chunks = backfill_chunks(parse_shard_range(args.shards, params.generate.num_shards), args.per_run)
+        start, every = parse_time(args.start_at), parse_duration(args.every)
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not get_current_settings().api.url:
+        print(
+            "error: dmd backfill needs a Prefect server: start one with `prefect server start --host 127.0.0.1` "
+            "and `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
+        )
+        return 2
+    params_file = str(Path(args.params).resolve())
+    created, existing = schedule_backfill(params, params_file, args.overrides, chunks, start, every)
+    for run in created:
+        print(
+            f"scheduled {run.name} (shards {run.parameters['shards']}) at {run.state.state_details.scheduled_time}"
+        )
+    for run in existing:
+        print(f"exists    {run.name} (shards {run.parameters['shards']}), state {run.state_name}")
+    print(
+        f"{len(created)} run(s) created, {len(existing)} already there. They run where "
+        f"{FLOW_NAME}/{BACKFILL} is served: `dmd serve` in the project directory."
+    )
+    return 0

@@ -1,0 +1,373 @@
+"""The `dmd-pipeline` flow: the DVC DAG reproduced stage by stage, DVC alone deciding what is stale.
+
+One Prefect task per stage runs `dvc repro --single-item <stage>` in the workspace, in the order `dvc repro`
+itself would use, and streams the stage's output into the run's logs line by line. So `dvc repro`,
+`dmd pipeline` and the `dmd-pipeline/default` deployment all leave the same dvc.lock.
+
+Overrides (`--set section.key=value`, or the deployment's `overrides` parameter) are written into params.yaml
+with DVC's own `-S` code, exactly as `dvc exp run -S` writes them, before any stage runs: dvc.lock must
+describe the settings the outputs were made with, and params.yaml is where DVC reads them. They are checked
+against the typed settings first; if the result does not validate, params.yaml is left as it was.
+
+Only one DVC operation runs at a time per workspace: with a Prefect server, runs queue on a global
+concurrency limit named after the workspace (created on first use); DVC's own lock is the last line of
+defence, and hitting it raises `WorkspaceBusyError` naming the process that holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
+
+from dmd.config import ConfigError, load
+
+PARAMS_FILE = "params.yaml"  # the file dvc.yaml's `params:` entries are read from
+# Retries per stage, where a rerun can succeed and resumes rather than restarts: generation keeps finished
+# shards (persist: true), training resumes from its checkpoints; cache and evaluate are cheap to redo.
+# The toy teacher is deterministic and long: a failure there is a bug, not a hiccup.
+STAGE_RETRIES = {"toy_teacher": 0, "generate": 2, "cache": 1, "train": 1, "evaluate": 1}
+RETRY_DELAY_SECONDS = 5
+LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
+CONFIG_EXIT_CODE = 2  # what `dmd` returns for bad settings; retrying cannot fix those
+TAIL_LINES = 40
+EPHEMERAL_STARTUP_SECONDS = 120
+
+
+class WorkspaceBusyError(RuntimeError):
+    """Another DVC operation holds the workspace's lock."""
+
+    retryable = False
+
+
+class StageFailedError(RuntimeError):
+    """A stage's `dvc repro` failed; the message ends with the last lines of its output."""
+
+    def __init__(self, stage: str, message: str, retryable: bool):
+        super().__init__(message)
+        self.stage = stage
+        self.retryable = retryable
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The workspace and its DAG
+
+
+def workspace_of(params_file: str | os.PathLike) -> Path:
+    """The DVC workspace a params file belongs to; it must be that workspace's params.yaml."""
+    path = Path(params_file).resolve()
+    if path.name != PARAMS_FILE:
+        raise ConfigError(
+            str(params_file),
+            [
+                f"dvc.yaml reads its settings from {PARAMS_FILE}; copy this file to {path.parent / PARAMS_FILE} "
+                "or use --set / `dvc exp run -S` to change single settings"
+            ],
+        )
+    if not (path.parent / "dvc.yaml").exists():
+        raise ConfigError(
+            str(params_file), [f"no dvc.yaml next to it: {path.parent} is not the pipeline's workspace"]
+        )
+    load(path)  # a readable, valid settings file before anything runs
+    return path.parent
+
+
+def stage_order(workspace: Path, target: str | None = None) -> list[str]:
+    """The stages `dvc repro [target]` would visit, in the order it visits them (upstream first)."""
+    from dvc.dvcfile import PROJECT_FILE
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    with Repo(str(workspace)) as repo:
+        try:
+            project = str(workspace / PROJECT_FILE)
+            stages = collect_stages(repo, [f"{project}:{target}" if target else project])
+        except DvcException as e:
+            names = sorted(s.addressing for s in repo.index.stages)
+            raise ConfigError("target", [f"{target!r}: {e}; stages: {', '.join(names)}"]) from None
+        return [_address(s, workspace) for s in plan_repro(get_active_graph(repo.index.graph), stages)]
+
+
+def _address(stage, workspace: Path) -> str:
+    """How `dvc repro` run in `workspace` names a stage: `name` in the top dvc.yaml, else `file:name`."""
+    file = os.path.relpath(stage.path, workspace)
+    name = getattr(stage, "name", None)
+    if not name:
+        return file
+    return name if file == "dvc.yaml" else f"{file}:{name}"
+
+
+def workspace_limit_name(workspace: Path) -> str:
+    """The Prefect global concurrency limit guarding one workspace (one clone on one machine)."""
+    key = f"{socket.gethostname()}:{workspace.resolve()}"
+    return f"dvc-workspace-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def lock_holders(workspace: Path) -> list[str]:
+    """Who holds DVC's locks in `workspace`, one line per process, from `.dvc/tmp/rwlock`."""
+    try:
+        lock = json.loads((workspace / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    holders: dict[int, dict] = {}
+    for mode in ("write", "read"):
+        for path, infos in lock.get(mode, {}).items():
+            for info in infos if isinstance(infos, list) else [infos]:
+                entry = holders.setdefault(int(info["pid"]), {"cmd": info["cmd"], "write": [], "read": []})
+                entry[mode].append(os.path.relpath(path, workspace) if os.path.isabs(path) else path)
+    lines = []
+    for pid, entry in sorted(holders.items()):
+        what = "; ".join(f"{mode}s {', '.join(sorted(entry[mode]))}" for mode in ("write", "read") if entry[mode])
+        lines.append(f"PID {pid} ({entry['cmd']}) {what}")
+    return lines
+
+
+def busy_message(workspace: Path, stage: str, dvc_line: str) -> str:
+    holders = lock_holders(workspace)
+    who = "\n".join(f"  {h}" for h in holders) or "  (the repository lock .dvc/tmp/lock; no stage lock recorded)"
+    return (
+        f"stage {stage!r}: the DVC workspace {workspace} is busy; another DVC operation holds its lock:\n"
+        f"{who}\n"
+        f"DVC said: {dvc_line.strip()}\n"
+        "Wait for that run to finish (or stop it), then run again; nothing was changed by this attempt. "
+        f"If no such process exists any more, delete {workspace / '.dvc' / 'tmp' / 'rwlock'} (a lock left by "
+        "a killed run)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def _retry_if_retryable(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as e:  # the task's exception, re-raised by result()
+        return getattr(e, "retryable", True)
+    return True
+
+
+def _child_env() -> dict[str, str]:
+    """The stage commands' environment: our interpreter's scripts first on PATH (dvc.yaml calls `dmd`), and
+    the Prefect API this run talks to, so the stage flows report to the same server instead of each
+    starting a temporary one."""
+    from prefect.client.orchestration import get_client
+
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    with get_client(sync_client=True) as client:
+        env["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    return env
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_if_retryable)
+def reproduce_stage(stage: str, workspace: str) -> str:
+    """`dvc repro --single-item <stage>`, its output streamed to the run's logs.
+
+    Returns 'ran', 'restored from the run cache' or 'up to date'."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    busy_line = None
+    outcome = "up to date"
+    proc = subprocess.Popen(
+        cmd,
+        cwd=workspace,
+        env=_child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # universal newlines: progress bars' \r also end a line
+        line = line.rstrip()
+        if not line:
+            continue
+        logger.info("%s", line)
+        tail.append(line)
+        if any(m in line for m in LOCK_MESSAGES):
+            busy_line = line
+        if line.startswith(f"Running stage '{stage}'"):
+            outcome = "ran"
+        elif line.startswith(f"Stage '{stage}' is cached - skipping run"):
+            outcome = "restored from the run cache"
+    code = proc.wait()
+    if code == 0:
+        return outcome
+    if busy_line is not None:
+        raise WorkspaceBusyError(busy_message(Path(workspace), stage, busy_line))
+    bad_settings = any(f"exited with {CONFIG_EXIT_CODE}" in line for line in tail)
+    raise StageFailedError(
+        stage,
+        f"stage {stage!r} failed (`{' '.join(cmd[1:])}` exited with {code}); last lines:\n" + "\n".join(tail),
+        retryable=not bad_settings,
+    )
+
+
+@task(name="apply-overrides", cache_policy=NO_CACHE)
+def apply_overrides(params_file: str, overrides: list[str]) -> None:
+    """Write `section.key=value` overrides into params.yaml as `dvc exp run -S` does; all or nothing."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    path = Path(params_file)
+    load(path, overrides)  # typed check first: unknown keys and bad values are named before any write
+    original = path.read_bytes()
+    try:
+        dvc_apply_overrides(str(path), list(overrides))
+        load(path)
+    except Exception as e:
+        path.write_bytes(original)
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError("overrides", [f"{overrides}: {e}"]) from None
+    get_run_logger().info("params.yaml updated: %s", ", ".join(overrides))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The flow
+
+
+def notify_failure(flow, flow_run, state) -> None:
+    """on_failure hook: log what failed and, when the run has a `notify_url`, POST it a JSON summary."""
+    import requests
+
+    logger = get_logger("dmd.pipeline")
+    summary = {
+        "flow": flow.name,
+        "flow_run": flow_run.name,
+        "flow_run_id": str(flow_run.id),
+        "state": state.name,
+        "message": state.message,
+        "parameters": flow_run.parameters,
+    }
+    logger.error("dmd-pipeline run %s failed: %s", flow_run.name, state.message)
+    url = flow_run.parameters.get("notify_url")
+    if not url:
+        return
+    try:
+        requests.post(url, json=summary, timeout=10).raise_for_status()
+    except requests.RequestException as e:  # a notification must never mask the failure itself
+        logger.warning("failure notification to %s failed: %s", url, e)
+
+
+@contextmanager
+def workspace_slot(workspace: Path, timeout_seconds: float | None):
+    """Hold the workspace's Prefect concurrency slot, creating the limit (1 slot) on first use.
+
+    Without a Prefect server (the temporary one `dmd pipeline` starts on its own) no other run can share
+    the slot, so DVC's lock alone guards the workspace."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    logger = get_run_logger()
+    if not get_current_settings().api.url:
+        logger.info("no Prefect server configured: DVC's own lock guards the workspace")
+        yield
+        return
+    name = workspace_limit_name(workspace)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+    logger.info("waiting for concurrency slot %r (workspace %s)", name, workspace)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield
+
+
+@flow(name="dmd-pipeline", on_failure=[notify_failure], log_prints=True)
+def dmd_pipeline(
+    params_file: str = PARAMS_FILE,
+    overrides: list[str] | None = None,
+    target: str | None = None,
+    notify_url: str | None = None,
+    wait_for_workspace_seconds: float | None = None,
+) -> dict[str, str]:
+    """Reproduce the DAG up to `target` (default: every stage) in the workspace of `params_file`.
+
+    `overrides` are written into params.yaml first (as `dvc exp run -S` would); `notify_url` receives a JSON
+    POST if the run fails; `wait_for_workspace_seconds` bounds the wait for another run on this workspace
+    (None: wait). Returns {stage: what DVC did}."""
+    logger = get_run_logger()
+    workspace = workspace_of(params_file)
+    params_path = str(workspace / PARAMS_FILE)
+    results: dict[str, str] = {}
+    with workspace_slot(workspace, wait_for_workspace_seconds):
+        if overrides:
+            apply_overrides(params_path, overrides)
+        stages = stage_order(workspace, target)
+        logger.info("stages in order: %s", " -> ".join(stages))
+        for stage in stages:
+            name = stage.rsplit(":", 1)[-1]
+            run = reproduce_stage.with_options(
+                retries=STAGE_RETRIES.get(name, 0), retry_delay_seconds=RETRY_DELAY_SECONDS
+            )
+            results[stage] = run(stage, str(workspace))
+    logger.info("done: %s", ", ".join(f"{s} {r}" for s, r in results.items()))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def main(args) -> int:
+    """`dmd pipeline`: the flow in this process (a temporary Prefect server unless PREFECT_API_URL is set)."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    # the temporary server migrates a fresh database on first start, slower than Prefect's default allows
+    # on a busy machine
+    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
+    try:
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
+            results = dmd_pipeline(params_file=args.params, overrides=args.overrides or None, target=args.target)
+    except (WorkspaceBusyError, StageFailedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(f"{stage}: {result}" for stage, result in results.items()))
+    return 0
+
+
+def serve_main(args) -> int:
+    """`dmd serve`: a runner for `dmd-pipeline/default` and `generate-teacher-data/backfill`."""
+    from prefect import serve
+    from prefect.settings import get_current_settings
+
+    from flows.generate import backfill_deployment
+
+    if not get_current_settings().api.url:
+        print(
+            "error: dmd serve needs a Prefect server: start one with `prefect server start --host 127.0.0.1` "
+            "and `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
+        )
+        return 2
+    params_file = str(workspace_of(args.params) / PARAMS_FILE)
+    pipeline = dmd_pipeline.to_deployment(
+        name="default",
+        parameters={"params_file": params_file, "overrides": list(args.overrides or [])},
+        description="The whole DAG (dvc repro, stage by stage); parameters: overrides, target, notify_url.",
+        tags=["dmd"],
+    )
+    serve(pipeline, backfill_deployment(params_file))
+    return 0

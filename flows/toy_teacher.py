@@ -1,0 +1,33 @@
+"""The `toy-teacher` flow (`dmd toy-teacher`, DVC stage `toy_teacher`): train the toy world's tiny Wan teacher
+and write it, with its effective settings, to toy_teacher.output_dir."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from dmd.config import dump, load
+from dmd.io import write_text
+from dmd.toy.teacher import train_teacher
+
+
+@flow(name="toy-teacher")
+def toy_teacher(params_file: str = "params.yaml", overrides: list[str] | None = None) -> str:
+    params = load(params_file, overrides)
+    output = train_teacher(params)
+    write_text(Path(output) / "params.effective.yaml", dump(params))
+    return str(output)
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        output = toy_teacher(args.params, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(output)
+    return 0

@@ -1,0 +1,42 @@
+"""Prefect tasks of the evaluation stage: thin wrappers around dmd.evaluate, one per unit of work.
+
+All tasks run in the flow's process (timings are comparable only within one process) and keep no cache: the
+inputs are videos in memory and the point of the stage is to measure afresh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dmd import evaluate
+from dmd.config import Params
+
+
+@task(name="student-run", cache_policy=NO_CACHE)
+def student_run(params: Params, items: list[evaluate.EvalItem], device: torch.device) -> evaluate.RunOutput:
+    return evaluate.run_student(params, items, device)
+
+
+@task(name="teacher-runs", cache_policy=NO_CACHE)
+def teacher_runs(
+    params: Params, items: list[evaluate.EvalItem], few_steps: int, device: torch.device
+) -> dict[str, evaluate.RunOutput]:
+    return evaluate.run_teacher(params, items, few_steps, device)
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score(
+    params: Params, items: list[evaluate.EvalItem], runs: dict[str, evaluate.RunOutput], device: torch.device
+) -> dict:
+    return evaluate.score_runs(params, items, runs, device)
+
+
+@task(name="write-report", cache_policy=NO_CACHE)
+def write_outputs(
+    params: Params, items: list[evaluate.EvalItem], runs: dict[str, evaluate.RunOutput], metrics: dict
+) -> Path:
+    return evaluate.write_outputs(params, items, runs, metrics)

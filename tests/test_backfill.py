@@ -1,0 +1,106 @@
+"""Backfill against a real Prefect server on loopback: `dmd backfill` creates scheduled runs once (idempotency
+keys), a runner serving generate-teacher-data/backfill executes them and fills exactly their shards, and a run
+with the deployment's own parameters (as its schedule makes) generates the next missing shard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dmd.config import load
+from dmd.generate import missing_shards, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+DMD = str(Path(sys.executable).parent / "dmd")
+# 10 videos in shards of 2: a target of 5 shards; no schedule, so the server makes no runs of its own
+OVERRIDES = ["generate.num_videos=10", "generate.backfill_interval_seconds=null"]
+
+
+def _backfill(params_file: Path, *options: str) -> str:
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    proc = subprocess.run(
+        [DMD, "backfill", "--params", str(params_file), *sets, *options],
+        cwd=REPO,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _runs(deployment_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+        )
+
+
+def _wait(deployment_id, count: int, server: subprocess.Popen, timeout: float = 300) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _runs(deployment_id)
+        finals = [r for r in runs if r.state and r.state.is_final()]
+        if len(finals) >= count:
+            return runs
+        assert server.poll() is None, "the runner exited"
+        assert time.monotonic() < deadline, [(r.name, r.state_name) for r in runs]
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server, tiny_params_file):
+    from prefect.client.orchestration import get_client
+
+    first = _backfill(tiny_params_file, "--shards", "0:4", "--per-run", "2", "--every", "1s")
+    assert "2 run(s) created, 0 already there" in first
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("generate-teacher-data/backfill")
+    runs = _runs(deployment.id)
+    assert sorted(r.parameters["shards"] for r in runs) == ["0:2", "2:4"]
+    assert all(r.state_name == "Scheduled" and r.idempotency_key.startswith("backfill-") for r in runs)
+    start = {r.parameters["shards"]: r.state.state_details.scheduled_time for r in runs}
+    assert (start["2:4"] - start["0:2"]).total_seconds() == pytest.approx(1)
+
+    second = _backfill(tiny_params_file, "--shards", "0:4", "--per-run", "2")
+    assert "0 run(s) created, 2 already there" in second
+    assert len(_runs(deployment.id)) == 2
+
+    params = load(tiny_params_file, OVERRIDES)
+    assert missing_shards(prepare(params)) == [0, 1, 2, 3, 4]
+    serve = (
+        "import sys; from prefect import serve; from flows.generate import backfill_deployment; "
+        "serve(backfill_deployment(sys.argv[1], sys.argv[2:]))"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, "-c", serve, str(tiny_params_file.resolve()), *OVERRIDES],
+        cwd=REPO,
+        env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        runs = _wait(deployment.id, 2, runner)
+        assert sorted(r.state_name for r in runs) == ["Completed", "Completed"]
+        assert missing_shards(prepare(params)) == [4]
+
+        # a run as the schedule makes it: the deployment's parameters, i.e. the next missing shard(s)
+        with get_client(sync_client=True) as client:
+            client.create_flow_run_from_deployment(deployment.id)
+        runs = _wait(deployment.id, 3, runner)
+        assert sorted(r.state_name for r in runs) == ["Completed"] * 3
+        assert missing_shards(prepare(params)) == []
+    finally:
+        runner.terminate()
+        try:
+            runner.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            runner.kill()

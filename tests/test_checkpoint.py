@@ -1,0 +1,112 @@
+"""Checkpoints: exact round trips without pickle, atomic writes, `latest`, rotation, bad paths, EMA."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dmd import io
+from dmd.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    flatten_state,
+    restore_rng_state,
+    unflatten_state,
+)
+from dmd.ema import EMA
+
+
+def _save(manager: CheckpointManager, step: int) -> None:
+    manager.save(step, {"student": {"00000": torch.full((3,), float(step))}}, {"step": step})
+
+
+def test_nested_state_round_trips_exactly():
+    p = torch.randn(4, requires_grad=True)
+    opt = torch.optim.AdamW([p], betas=(0.5, 0.9))
+    p.grad = torch.randn(4)
+    opt.step()
+    state = {"opt": opt.state_dict(), "rng": capture_rng_state(), "ints": {3: "three"}, "t": (1, [2.5, None])}
+    structure, tensors = flatten_state(state)
+    json.dumps(structure)  # plain JSON, no pickle
+    back = unflatten_state(json.loads(json.dumps(structure)), tensors)
+    assert back["ints"] == {3: "three"} and back["t"] == (1, [2.5, None])
+    assert back["opt"]["param_groups"][0]["betas"] == (0.5, 0.9)
+    assert torch.equal(back["opt"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_rng_states_restore_the_same_draws():
+    saved = capture_rng_state()
+    structure, tensors = flatten_state(saved)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(unflatten_state(json.loads(json.dumps(structure)), tensors))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+
+
+def test_save_load_latest_and_rotation(tmp_path):
+    manager = CheckpointManager(tmp_path, total_limit=2)
+    for step in (2, 4, 6):
+        _save(manager, step)
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-0000004", "checkpoint-0000006"]
+    groups, state = manager.load(manager.latest())
+    assert state == {"step": 6} and torch.equal(groups["student"]["00000"], torch.full((3,), 6.0))
+    one = CheckpointManager(tmp_path, total_limit=1)
+    _save(one, 8)
+    assert [p.name for p in one.checkpoints()] == ["checkpoint-0000008"]
+
+
+def test_half_written_checkpoints_are_never_latest_and_get_cleaned(tmp_path):
+    manager = CheckpointManager(tmp_path, total_limit=3)
+    _save(manager, 2)
+    (tmp_path / ".checkpoint-0000004.abc123.tmp").mkdir()  # a write killed mid-way
+    (tmp_path / "checkpoint-0000006").mkdir()  # a folder without its state file
+    assert manager.latest().name == "checkpoint-0000002"
+    manager.rotate()
+    assert not (tmp_path / ".checkpoint-0000004.abc123.tmp").exists()
+    assert manager.latest().name == "checkpoint-0000002"
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_alone(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path, total_limit=1)
+    _save(manager, 2)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("dmd.checkpoint.write_json", crash)
+    with pytest.raises(OSError):
+        _save(manager, 4)
+    monkeypatch.setattr("dmd.checkpoint.write_json", io.write_json)
+    assert [p.name for p in manager.checkpoints()] == ["checkpoint-0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000002"]
+
+
+def test_resolve(tmp_path):
+    manager = CheckpointManager(tmp_path, total_limit=2)
+    assert manager.resolve("latest") is None and manager.resolve(None) is None
+    _save(manager, 2)
+    assert manager.resolve("latest") == tmp_path / "checkpoint-0000002"
+    assert manager.resolve("checkpoint-0000002") == tmp_path / "checkpoint-0000002"
+    with pytest.raises(CheckpointError, match="resume_from_checkpoint.*checkpoint-0000002"):
+        manager.resolve(str(tmp_path / "checkpoint-0000009"))
+
+
+def test_ema_follows_its_formula_and_swaps_in_and_out():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.9, update_interval=2)
+    with torch.no_grad():
+        p.fill_(1.0)
+    assert ema.step() is False  # first call of the interval: no update
+    assert ema.step() is True
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.1))
+    with ema.swapped_in():
+        assert torch.allclose(p, torch.full((3,), 0.1))
+    assert torch.equal(p.detach(), torch.ones(3))
+    other = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.9, update_interval=2)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.shadow[0], ema.shadow[0]) and other.num_calls == 2

@@ -1,0 +1,180 @@
+"""dvc.yaml: its code deps match what each stage imports, and the real DAG runs end to end on the tiny profile."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmd.config import dump, load
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+BIN = Path(sys.executable).parent
+ENTRY_MODULES = {
+    "toy_teacher": "dmd.toy.teacher",
+    "generate": "dmd.generate",
+    "cache": "dmd.cache",
+    "train": "dmd.train",
+    "evaluate": "dmd.evaluate",
+}
+STAGES = list(ENTRY_MODULES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers shared with tests/test_pipeline.py
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd, check=check)
+
+
+def git_commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message], repo)
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def make_tiny_workspace(root: Path, tiny_wan_dir: Path) -> Path:
+    """A git + DVC clone of the project's layout: the real dvc.yaml, .dvcignore, .gitignore and dmd/ sources,
+    params.yaml from the tiny profile, and a tiny Wan as the toy teacher, recorded as toy_teacher's output
+    (`dvc commit`, as the shipped teacher is) so that stage is up to date without training."""
+    root.mkdir(parents=True)
+    run(["git", "init", "-q"], root)
+    dvc("init", "-q", cwd=root)
+    dvc("config", "core.analytics", "false", cwd=root)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "dmd", root / "dmd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    overrides = [
+        "model.pretrained_model_name_or_path=models/toy-teacher",
+        "train.report_to=dvclive",  # the train stage declares dvclive's folder as an output
+    ]
+    (root / "params.yaml").write_text(dump(load(FIXTURES / "tiny.yaml", overrides)))  # every key, as dvc.yaml needs
+    shutil.copytree(tiny_wan_dir, root / "models" / "toy-teacher")
+    dvc("commit", "-f", "toy_teacher", cwd=root)
+    git_commit(root, "tiny pipeline")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dvc.yaml itself
+
+
+def _module_file(module: str) -> Path | None:
+    for candidate in (REPO / (module.replace(".", "/") + ".py"), REPO / module.replace(".", "/") / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _dmd_imports(path: Path) -> set[str]:
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(parts + ([module] if module else []))
+            found.add(module)
+            found |= {f"{module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "dmd" and _module_file(m)}
+
+
+def code_closure(entry: str) -> set[str]:
+    """Every dmd source file `entry` imports, directly or not (function-level imports included)."""
+    seen, todo = set(), [entry]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo += _dmd_imports(_module_file(module))
+    return {str(_module_file(m).relative_to(REPO)) for m in seen}
+
+
+def test_code_deps_are_exactly_what_each_stage_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == STAGES
+    for stage, entry in ENTRY_MODULES.items():
+        declared = {d for d in stages[stage]["deps"] if d.startswith("dmd/")}
+        expected = code_closure(entry) - {"dmd/config.py", "dmd/__init__.py", "dmd/toy/__init__.py"}
+        assert declared == expected, (
+            f"{stage}: missing {sorted(expected - declared)}, not imported {sorted(declared - expected)}"
+        )
+
+
+def test_real_params_survive_dvc_set_param(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml with DVC's YAML writer; the settings must still read the same."""
+    from dvc.utils.hydra import apply_overrides
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    apply_overrides(str(tmp_path / "params.yaml"), ["train.max_train_steps=7"])
+    before = load(REPO / "params.yaml").model_dump()
+    after = load(tmp_path / "params.yaml").model_dump()
+    before["train"]["max_train_steps"] = 7
+    assert after == before
+
+
+def test_dag_order_is_the_design_order():
+    from flows.pipeline import stage_order
+
+    assert stage_order(REPO) == STAGES
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end on the tiny profile
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path, tiny_wan_dir):
+    ws = make_tiny_workspace(tmp_path / "ws", tiny_wan_dir)
+    status = json.loads(dvc("status", "--json", cwd=ws).stdout)
+    assert "toy_teacher" not in status and set(status) == set(STAGES[1:])  # shipped teacher: up to date
+
+    first = dvc("repro", cwd=ws)
+    assert ran_stages(first.stdout) == STAGES[1:]
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lock["train"]["deps"][-2]["path"] == "cache"  # lineage: the cache hash that trained the student
+    assert {o["path"] for o in lock["evaluate"]["outs"]} == {"metrics/eval.json", "reports"}
+    assert json.loads(dvc("status", "--json", cwd=ws).stdout) == {}
+
+    start = time.monotonic()
+    again = dvc("repro", cwd=ws)
+    assert ran_stages(again.stdout) == [] and time.monotonic() - start < 20
+
+    params = (ws / "params.yaml").read_text()
+    assert "  max_train_steps: 2\n" in params
+    (ws / "params.yaml").write_text(params.replace("  max_train_steps: 2\n", "  max_train_steps: 3\n"))
+    assert ran_stages(dvc("repro", cwd=ws).stdout) == ["train", "evaluate"]
+
+    git_commit(ws, "three steps")
+    dvc("exp", "run", "-S", "train.max_train_steps=4", cwd=ws)
+    rows = json.loads(dvc("exp", "show", "--json", cwd=ws).stdout)
+    experiments = [exp for row in rows for exp in (row.get("experiments") or [])]
+    assert experiments, rows
+    revs = experiments[0]["revs"][0]["data"]
+    assert revs["params"]["params.yaml"]["data"]["train"]["max_train_steps"] == 4
+    eval_metrics = revs["metrics"]["metrics/eval.json"]["data"]
+    assert eval_metrics and all(v is not None for v in eval_metrics.values())

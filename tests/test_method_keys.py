@@ -1,0 +1,309 @@
+"""Every `distillation_config` key changes behaviour the way it says (one test per key, named after it).
+
+The roles run a tiny Wan transformer; spies record what each role is shown and pass the call through.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dmd.config import DistillationConfig, Params
+from dmd.method import DMDMethod
+from dmd.roles import make_roles
+from dmd.schedule import denoising_sigmas
+from dmd.tiny import build_transformer
+
+FRAMES = 6
+
+
+def _params(train=None, **dc) -> Params:
+    dc = {"num_training_frames": FRAMES, "num_frame_per_block": FRAMES, "fake_score_lora_rank": 2, **dc}
+    return Params.model_validate(
+        {"train": {"lora_rank": 2, "lora_alpha": 2, **(train or {}), "distillation_config": dc}}
+    )
+
+
+class Spy:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, frame_timesteps_BT, c):
+        self.calls.append(SimpleNamespace(x=x.detach().clone(), t=frame_timesteps_BT.clone(), c=c.clone()))
+        return self.fn(x, frame_timesteps_BT, c)
+
+
+def _method(params: Params, seed: int = 0):
+    torch.manual_seed(seed)
+    roles = make_roles(build_transformer(num_layers=1), params.train)
+    spies = {}
+    for role in ("student", "real", "fake"):
+        spies[role] = Spy(getattr(roles, role))
+        setattr(roles, role, spies[role])
+    negative = torch.full((1, 5, 32), 0.5)
+    return DMDMethod(params, roles, negative, torch.zeros(1, 5, 32)), spies
+
+
+def _batch(b=2, frames=FRAMES, noise=False):
+    g = torch.Generator().manual_seed(0)
+    return SimpleNamespace(
+        latents_BCTHW=torch.randn(b, 4, frames, 4, 4, generator=g),
+        prompt_embeds_BLD=torch.randn(b, 5, 32, generator=g),
+        noise_BCTHW=torch.randn(b, 4, frames, 4, 4, generator=g) if noise else None,
+        captions=["x"] * b,
+        keys=[str(i) for i in range(b)],
+    )
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _student_timesteps(spy) -> list[float]:
+    return [float(call.t[0, -1]) for call in spy.calls]
+
+
+def _score_sigmas(params, n=40, role="fake", loss="critic_loss"):
+    method, spies = _method(params)
+    gen = _gen()
+    for _ in range(n):
+        getattr(method, loss)(_batch(), gen)
+    return torch.cat([call.t[:, 0] / 1000 for call in spies[role].calls])
+
+
+def test_every_key_has_a_test():
+    tests = {name for name in dir(sys.modules[__name__]) if name.startswith("test_key_")}
+    missing = [k for k in DistillationConfig.model_fields if f"test_key_{k}" not in tests]
+    assert not missing, f"distillation_config keys without a behaviour test: {missing}"
+
+
+def test_key_dmd_denoising_steps():
+    method, spies = _method(_params(dmd_denoising_steps=[1000, 600], last_step_only=True))
+    method.generator_loss(_batch(), _gen())
+    assert _student_timesteps(spies["student"]) == pytest.approx([1000.0, 600.0])
+
+
+def test_key_warp_denoising_steps():
+    params = _params(warp_denoising_steps=True, last_step_only=True)
+    params.model.flow_schedule_shift = 5.0
+    method, spies = _method(params)
+    method.generator_loss(_batch(), _gen())
+    want = (denoising_sigmas([1000, 757, 522], 5.0) * 1000).tolist()
+    assert _student_timesteps(spies["student"]) == pytest.approx(want, rel=1e-5)
+    assert want[1] > 757 and want[2] > 522
+
+
+def test_key_generator_update_interval():
+    method, _ = _method(_params(generator_update_interval=4))
+    assert [s for s in range(12) if method.updates_generator(s)] == [0, 4, 8]
+    method, _ = _method(_params())
+    assert all(method.updates_generator(s) for s in range(5))
+
+
+def test_key_real_score_guidance_scale():
+    results = {}
+    for scale in (1.0, 3.0):
+        method, spies = _method(_params(real_score_guidance_scale=scale))
+        loss, m = method.generator_loss(_batch(), _gen())
+        (call,) = spies["real"].calls
+        results[scale] = (call, m["dmd_gradient_abs"])
+    assert results[1.0][0].x.shape[0] == 2
+    with_cfg = results[3.0][0]
+    assert with_cfg.x.shape[0] == 4 and torch.all(with_cfg.c[2:] == 0.5)  # negative prompt as unconditional
+    assert results[1.0][1] != pytest.approx(results[3.0][1])
+
+
+def test_key_fake_score_guidance_scale():
+    method, spies = _method(_params(fake_score_guidance_scale=0.0))
+    method.generator_loss(_batch(), _gen())
+    assert spies["fake"].calls[0].x.shape[0] == 2
+    method, spies = _method(_params(fake_score_guidance_scale=1.5))
+    method.generator_loss(_batch(), _gen())
+    assert spies["fake"].calls[0].x.shape[0] == 4 and torch.all(spies["fake"].calls[0].c[2:] == 0.5)
+
+
+@pytest.mark.parametrize(
+    "key,value,group_key",
+    [
+        ("fake_score_lr", 3e-4, "lr"),
+        ("fake_score_weight_decay", 0.2, "weight_decay"),
+        ("fake_score_betas", (0.0, 0.99), "betas"),
+        ("fake_score_eps", 1e-6, "eps"),
+    ],
+)
+def test_key_fake_score_optimizer(key, value, group_key):
+    method, _ = _method(_params(**{key: value}))
+    opt = method.critic_optimizer()
+    assert opt.param_groups[0][group_key] == value
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in method.critic_parameters()}
+
+
+test_key_fake_score_lr = test_key_fake_score_weight_decay = test_key_fake_score_betas = (
+    test_key_fake_score_eps
+) = test_key_fake_score_optimizer
+
+
+def test_key_fake_score_grad_clip():
+    for clip in (0.0, 1e-4):
+        method, _ = _method(_params(fake_score_grad_clip=clip))
+        loss, _ = method.critic_loss(_batch(), _gen())
+        loss.backward()
+        before = method.clip_critic_gradients()
+        after = float(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in method.critic_parameters()]))
+        )
+        assert after == pytest.approx(before if clip == 0 else clip, rel=1e-3)
+
+
+def test_key_fake_score_lora_rank():
+    method, _ = _method(_params(fake_score_lora_rank=3))
+    assert method.roles.critic_copy is None
+    assert {p.shape[0] for n, p in method.roles.base.named_parameters() if "lora_A.critic" in n} == {3}
+    method, _ = _method(_params(fake_score_lora_rank=None))
+    assert method.roles.critic_copy is not None
+    assert sum(p.numel() for p in method.critic_parameters()) == sum(
+        p.numel() for n, p in method.roles.base.named_parameters() if "lora_" not in n
+    )
+
+
+def test_key_fake_score_lora_alpha():
+    for alpha, want in ((None, 1.0), (6.0, 2.0)):
+        method, _ = _method(_params(fake_score_lora_rank=3, fake_score_lora_alpha=alpha))
+        assert method.roles.base.blocks[0].attn1.to_q.scaling["critic"] == want
+
+
+def test_key_min_timestep_ratio():
+    sigma = _score_sigmas(_params(min_timestep_ratio=0.6, ts_schedule=False))
+    assert sigma.min() >= 0.6 - 1e-4 and sigma.max() <= 0.98 + 1e-4
+
+
+def test_key_max_timestep_ratio():
+    sigma = _score_sigmas(_params(max_timestep_ratio=0.3, ts_schedule=False))
+    assert sigma.max() <= 0.3 + 1e-4 and sigma.min() >= 0.02 - 1e-4
+
+
+def test_key_timestep_shift():
+    plain = _score_sigmas(_params(ts_schedule=False))
+    shifted = _score_sigmas(_params(ts_schedule=False, timestep_shift=5.0))
+    assert shifted.mean() > plain.mean() + 0.15
+
+
+def test_key_min_score_timestep():
+    sigma = _score_sigmas(_params(ts_schedule=False, min_score_timestep=700))
+    assert sigma.min() >= 0.7 - 1e-4
+
+
+def _exit_and_score_sigmas(params, n=30):
+    """(exit σ, score σs) per generator step of a one-block clip."""
+    method, spies = _method(params)
+    gen, out = _gen(), []
+    for _ in range(n):
+        spies["student"].calls.clear()
+        spies["fake"].calls.clear()
+        method.generator_loss(_batch(), gen)
+        out.append((float(spies["student"].calls[-1].t[0, 0]) / 1000, spies["fake"].calls[0].t[:, 0] / 1000))
+    return out
+
+
+def test_key_ts_schedule():
+    next_sigma = {1.0: 0.757, 0.757: 0.522, 0.522: 0.0}
+    on = _exit_and_score_sigmas(_params(ts_schedule=True))
+    assert all(float(s.min()) >= next_sigma[round(e, 3)] - 1e-4 for e, s in on)
+    assert {round(e, 3) for e, _ in on} == {1.0, 0.757, 0.522}
+    off = _exit_and_score_sigmas(_params(ts_schedule=False))
+    assert any(float(s.min()) < next_sigma[round(e, 3)] for e, s in off)
+
+
+def test_key_ts_schedule_max():
+    sigma = _score_sigmas(_params(ts_schedule_max=True, last_step_only=True))
+    assert sigma.max() <= 0.522 + 1e-4
+    sigma = _score_sigmas(_params(ts_schedule_max=False, last_step_only=True))
+    assert sigma.max() > 0.8
+
+
+def test_key_num_frame_per_block():
+    method, spies = _method(_params(num_frame_per_block=3, last_step_only=True))
+    method.generator_loss(_batch(), _gen())
+    assert [c.x.shape[2] for c in spies["student"].calls] == [3, 3, 3, 6, 6, 6]
+
+
+def test_key_independent_first_frame():
+    method, spies = _method(
+        _params(
+            num_training_frames=5, num_frame_per_block=2, independent_first_frame=True, last_step_only=True
+        )
+    )
+    method.generator_loss(_batch(frames=5), _gen())
+    assert [c.x.shape[2] for c in spies["student"].calls][::3] == [1, 3, 5]
+
+
+def test_key_same_step_across_blocks():
+    def exits(same):
+        method, spies = _method(_params(num_frame_per_block=1, same_step_across_blocks=same))
+        gen, out = _gen(), []
+        for _ in range(6):
+            spies["student"].calls.clear()
+            method.generator_loss(_batch(), gen)
+            per_block = {}
+            for c in spies["student"].calls:
+                per_block[c.x.shape[2]] = float(c.t[0, -1])
+            out.append(set(per_block.values()))
+        return out
+
+    assert all(len(s) == 1 for s in exits(True))
+    assert any(len(s) > 1 for s in exits(False))
+
+
+def test_key_last_step_only():
+    method, spies = _method(_params(last_step_only=True))
+    gen = _gen()
+    for _ in range(5):
+        spies["student"].calls.clear()
+        _, m = method.generator_loss(_batch(), gen)
+        assert m["exit_step"] == 2 and len(spies["student"].calls) == 3
+
+
+def test_key_num_training_frames():
+    method, spies = _method(_params(num_training_frames=3, num_frame_per_block=3))
+    method.critic_loss(_batch(frames=FRAMES), _gen())
+    assert spies["fake"].calls[0].x.shape[2] == 3
+
+
+def test_key_context_noise():
+    seen = {}
+    for noise in (0, 300):
+        method, spies = _method(_params(num_frame_per_block=3, context_noise=noise, last_step_only=True))
+        method.generator_loss(_batch(), _gen())
+        second_block = spies["student"].calls[3]
+        seen[noise] = second_block.x[:, :, :3]
+        assert float(second_block.t[0, 0]) == noise and float(second_block.t[0, -1]) == 1000
+    assert not torch.allclose(seen[0], seen[300])
+
+
+def test_key_rollout_from():
+    batch = _batch()
+    method, spies = _method(_params(rollout_from="data", same_step_across_blocks=True))
+    method.generator_loss(batch, _gen())
+    (call,) = spies["student"].calls  # one student pass, at the exit step, from the data
+    sigma = float(call.t[0, 0]) / 1000
+    residual = (call.x - (1 - sigma) * batch.latents_BCTHW) / max(sigma, 1e-6)
+    assert 0.7 < float(residual.std()) < 1.3  # the rest is unit noise
+    method, spies = _method(_params(rollout_from="noise", last_step_only=True))
+    method.generator_loss(batch, _gen())
+    assert len(spies["student"].calls) == 3
+
+
+def test_key_regression_loss_weight():
+    method, spies = _method(_params(regression_loss_weight=0.5, last_step_only=True))
+    batch = _batch(noise=True)
+    loss, m = method.generator_loss(batch, _gen())
+    assert m["generator_loss"] == pytest.approx(m["dmd_loss"] + 0.5 * m["regression_loss"], rel=1e-5)
+    # the regression pass: one student step from the teacher's own noise
+    assert torch.equal(spies["student"].calls[-1].x, batch.noise_BCTHW)
+    _, plain = _method(_params(last_step_only=True))[0].generator_loss(batch, _gen())
+    assert "regression_loss" not in plain
+    with pytest.raises(ValueError, match="save_noise"):
+        method.generator_loss(_batch(noise=False), _gen())

@@ -1,0 +1,124 @@
+"""Training runs end to end on the tiny world: exact resume after kill -9, EMA, gradient checkpointing, tracking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_world import build_cache, run_params
+
+from dmd.checkpoint import CheckpointManager
+from dmd.config import load
+from dmd.train import train
+from dmd.video import read_video
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_wan_dir):
+    return build_cache(tmp_path_factory.mktemp("train-world"), tiny_wan_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons across processes need the same kernels: one thread everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _final(run_dir):
+    """Tensor groups of a run's newest checkpoint (written at its last step)."""
+    manager = CheckpointManager(run_dir / "checkpoints", 10)
+    return manager.load(manager.latest())[0]
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(world, tmp_path, one_thread):
+    settings = dict(max_train_steps=10, checkpoint_step_interval=3, checkpoints_total_limit=2,
+                    lr_scheduler="cosine_with_min_lr", lr_warmup_steps=2, report_to="dvclive")  # fmt: skip
+    straight = tmp_path / "straight"
+    train(load(run_params(world, straight, **settings)), progress=False)
+
+    killed = tmp_path / "killed"
+    params_file = run_params(world, killed, **settings)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = subprocess.Popen([sys.executable, "-m", "dmd.train", str(params_file)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = killed / "checkpoints" / "checkpoint-0000003"
+    deadline = time.monotonic() + 300
+    while not first.exists() and worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    latest = CheckpointManager(killed / "checkpoints", 2).latest()
+    assert latest is not None and latest.name < "checkpoint-0000010", "the worker must die mid-run"
+
+    train(load(params_file), progress=False)  # resume_from_checkpoint: latest
+
+    a, b = _final(straight), _final(killed)
+    for role in ("student", "critic", "ema"):
+        assert a[role].keys() == b[role].keys()
+        for key in a[role]:
+            assert torch.equal(a[role][key], b[role][key]), f"{role} {key}"
+    lora_a = load_file(straight / "student" / "pytorch_lora_weights.safetensors")
+    lora_b = load_file(killed / "student" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+    # the resumed run logged every step once, with the same losses
+    tsv = "metrics/plots/metrics/fake_score_loss.tsv"
+    assert (straight / tsv).read_text() == (killed / tsv).read_text()
+    assert len((killed / tsv).read_text().splitlines()) == 11
+
+
+def test_ema_weights_differ_from_live_and_serve_validation_and_export(world, tmp_path):
+    run = tmp_path / "ema"
+    params = load(run_params(world, run, max_train_steps=3, learning_rate=1e-2, ema_decay=0.5, checkpoint_step_interval=3,
+                             validation_step_interval=3, ema_validation="comparison",
+                             validation_prompt="a red square moving right slowly"))  # fmt: skip
+    train(params, progress=False)
+    groups = _final(run)
+    live, shadow = groups["student"], groups["ema"]
+    assert any(not torch.equal(live[k], shadow[f"shadow.{k}"]) for k in live)
+
+    folder = run / "student" / "validation" / "step-0000003"
+    assert not np.array_equal(read_video(folder / "live-prompt.mp4"), read_video(folder / "ema-prompt.mp4"))
+    assert (folder / "grid.png").is_file()
+
+    # the export holds the EMA weights: every exported tensor is one of the checkpoint's shadows
+    exported = list(load_file(run / "student" / "pytorch_lora_weights.safetensors").values())
+    shadows = [shadow[f"shadow.{k}"] for k in live]
+    assert len(exported) == len(shadows)
+    assert all(any(torch.equal(e, s) for s in shadows) for e in exported)
+    assert not all(any(torch.equal(e, w) for w in live.values()) for e in exported)
+
+
+def test_gradient_checkpointing_gives_the_same_updates(world, tmp_path):
+    results = []
+    for flag in (False, True):
+        run = tmp_path / f"gc-{flag}"
+        train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=2,
+                              gradient_checkpointing=flag)), progress=False)  # fmt: skip
+        results.append(_final(run))
+    for role in ("student", "critic"):
+        for key in results[0][role]:
+            assert torch.allclose(results[0][role][key], results[1][role][key], atol=1e-6), f"{role} {key}"
+
+
+def test_latest_does_not_resume_another_runs_checkpoint(world, tmp_path):
+    run = tmp_path / "changed"
+    train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
+    train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=1, learning_rate=1e-3)),
+          progress=False)  # fmt: skip
+    superseded = list((run / "checkpoints").glob("superseded-*/checkpoint-*"))
+    assert sorted(p.name for p in superseded) == ["checkpoint-0000001", "checkpoint-0000002"]
+    assert [p.name for p in CheckpointManager(run / "checkpoints", 3).checkpoints()] == [
+        "checkpoint-0000001", "checkpoint-0000002"
+    ]  # fmt: skip
