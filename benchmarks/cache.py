@@ -158,7 +158,7 @@ def main() -> None:
         cold = runs["cold, 2 reader threads"]
         runs["warm re-run (nothing changed)"] = {
             "seconds": meter.seconds,
-            "clips_per_s": float("nan"),
+            "clips_per_s": None,
             "process_cpu_share": meter.process_share,
             "machine_cpu_share": meter.machine_share,
         }
@@ -169,7 +169,7 @@ def main() -> None:
     print(f"{'run':32s} {'seconds':>8s} {'clips/s':>8s} {'× cold':>7s} {'proc CPU':>9s} {'machine CPU':>12s}")
     for name, r in runs.items():
         print(
-            f"{name:32s} {r['seconds']:8.2f} {r['clips_per_s']:8.2f} {r['seconds'] / cold['seconds']:7.3f} "
+            f"{name:32s} {r['seconds']:8.2f} {r['clips_per_s'] or 0:8.2f} {r['seconds'] / cold['seconds']:7.3f} "
             f"{r['process_cpu_share']:9.0%} {r['machine_cpu_share']:12.0%}"
         )
     warm_fraction = runs["warm re-run (nothing changed)"]["seconds"] / cold["seconds"]

@@ -307,7 +307,7 @@ def main() -> int:
         r["peak_above_import_ratio_to_d"] = r["peak_above_import_mib"] / ref["peak_above_import_mib"]
         print(
             f"({config[0]}) {label:54s} {r['peak_rss_mib']:12.0f} {r['peak_ratio_to_d']:6.2f} "
-            f"{r['peak_above_import_ratio_to_d']:18.2f} {r['step_seconds']:7.2f}"
+            f"{r['peak_above_import_ratio_to_d']:18.2f} {r['resident_after_setup_mib']:16.0f} {r['step_seconds']:7.2f}"
         )
     a = results["a_lora_critic"]
     print("\nDMD step (a) against the passes it contains (last_step_only, 3 steps, real-score CFG):")

@@ -114,7 +114,9 @@ def main() -> int:
         )
         runs[name] = (clips, time.perf_counter() - start)
 
-    results = {name: summarise(judge_clips(clips, captions, world, reference)) for name, (clips, _) in runs.items()}
+    results = {
+        name: summarise(judge_clips(clips, captions, world, reference)) for name, (clips, _) in runs.items()
+    }
     machine = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -122,7 +124,9 @@ def main() -> int:
         "threads": torch.get_num_threads(),
     }
     print(f"machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}")
-    print(f"teacher: {teacher}; {len(held_out)} held-out captions × {args.seeds} seeds; same seeds in every row")
+    print(
+        f"teacher: {teacher}; {len(held_out)} held-out captions × {args.seeds} seeds; same seeds in every row"
+    )
     header = f"{'':34s} {'colour':>6s} {'shape':>6s} {'dir':>6s} {'speed':>6s} " + " ".join(
         f"{k[:10]:>10s}" for k in SUMMARY_KEYS
     )

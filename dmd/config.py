@@ -130,12 +130,12 @@ class GenerateConfig(Section):
     )
     negative_prompt: str | None = Field(None, description="Defaults to train.validation_negative_prompt.")
     num_videos: int = Field(
-        64,
+        90,
         ge=1,
         description="Target size of the data set: shards 0..N-1 with N = ceil(num_videos / shard_size).",
     )
     shard_size: int = Field(
-        16, ge=1, description="Videos per shard, the unit that is written, resumed and backfilled."
+        15, ge=1, description="Videos per shard, the unit that is written, resumed and backfilled."
     )
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
@@ -144,7 +144,7 @@ class GenerateConfig(Section):
     width: int = 32
     num_frames: int = 21
     fps: int = 8
-    batch_size: int = Field(16, ge=1, description="Videos per teacher call (a shard is sampled in batches).")
+    batch_size: int = Field(15, ge=1, description="Videos per teacher call (a shard is sampled in batches).")
     seed: int = Field(
         0, description="Base seed; sample i's seed is a hash of (seed, i), so any shard regenerates alone."
     )

@@ -10,7 +10,8 @@ Layout of `generate.output_dir`:
     shard-NNNNN/manifest.parquet           one row per video (MANIFEST_COLUMNS; paths relative to the shard)
     manifest.parquet                       every complete shard's rows plus a `shard` column
 
-Sample i (its global index) has id `f"{i:08d}"`, prompt `prompts[i % len(prompts)]` and seed `sample_seed(seed, i)`;
+Sample i (its global index) has id `f"{i:08d}"`, prompt `prompts[prompt_index(seed, i, len(prompts))]` (the library in
+a hashed order, a new one per pass) and seed `sample_seed(seed, i)`;
 its initial noise is drawn on the CPU from that seed alone and handed to the pipeline, so a sample does not depend
 on which run, shard, batch or device made it, and any shard can be regenerated alone. A shard is written into a
 temporary directory and renamed when complete, so a killed run leaves nothing that counts as done. Each shard
@@ -20,6 +21,7 @@ shard whose fingerprint differs from the current plan is stale and is regenerate
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -94,6 +96,20 @@ def sample_id(index: int) -> str:
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
+
+
+@functools.lru_cache(maxsize=4)
+def prompt_order(base_seed: int, cycle: int, num_prompts: int) -> tuple[int, ...]:
+    """The order in which cycle `cycle` visits the prompts: a permutation fixed by hashing, so every run of
+    `num_prompts` consecutive samples uses each prompt once and any prefix of the data set spreads over the whole
+    library (a library sorted by topic would otherwise give a small data set only its first topics)."""
+    key = f"dmd-teacher-prompts:{base_seed}:{cycle}:"
+    return tuple(sorted(range(num_prompts), key=lambda j: hashlib.sha256(f"{key}{j}".encode()).digest()))
+
+
+def prompt_index(base_seed: int, index: int, num_prompts: int) -> int:
+    """Which prompt sample `index` draws."""
+    return prompt_order(base_seed, index // num_prompts, num_prompts)[index % num_prompts]
 
 
 def shard_indices(shard: int, num_videos: int, shard_size: int) -> range:
@@ -239,7 +255,7 @@ class GenerationPlan:
             raise GenerationError(f"shard {shard} is outside the target 0:{self.num_shards}")
         out = []
         for i in shard_indices(shard, cfg.num_videos, cfg.shard_size):
-            prompt = self.prompts[i % len(self.prompts)]
+            prompt = self.prompts[prompt_index(cfg.seed, i, len(self.prompts))]
             out.append(Sample(i, sample_id(i), prompt.id, prompt.text, sample_seed(cfg.seed, i)))
         return out
 
@@ -418,7 +434,7 @@ class TeacherSampler:
                 max_sequence_length=self.max_sequence_length,
                 return_dict=False,
             )[0]
-            frames = np.concatenate([decode_latents(self.pipe, z[None]) for z in latents])
+            frames = decode_latents(self.pipe, latents)  # the whole batch at once, as WanPipeline decodes
             seconds = time.perf_counter() - start
         return SampledBatch(latents.float().cpu(), noise, frames, seconds)
 

@@ -30,13 +30,14 @@ def video_info(path: str | Path) -> tuple[int, int, int, float]:
             vr = decord.VideoReader(str(path), num_threads=1)
             h, w = vr[0].shape[:2]
             return len(vr), h, w, float(vr.get_avg_fps())
-        except Exception as e:  # decord raises its own DECORDError or RuntimeError
-            raise VideoReadError(
-                f"{path}: cannot decode ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
-            ) from e
-    frames = read_video(path)
-    with av.open(str(path)) as c:
-        fps = float(c.streams.video[0].average_rate or 0)
+        except Exception:  # decord rejects some valid sizes (widths 16, 24, 48, ...); PyAV decides
+            pass
+    frames = _read_pyav(path)
+    try:
+        with av.open(str(path)) as c:
+            fps = float(c.streams.video[0].average_rate or 0)
+    except Exception as e:
+        raise VideoReadError(f"{path}: cannot decode ({_why(e)})") from e
     return frames.shape[0], frames.shape[1], frames.shape[2], fps
 
 
@@ -44,29 +45,40 @@ def read_video(path: str | Path, indices: list[int] | None = None) -> np.ndarray
     """Frames as uint8 (T, H, W, 3); `indices` selects frames (all when None)."""
     path = Path(path)
     _check_file(path)
-    try:
-        if decord is not None:
+    frames = None
+    if decord is not None:
+        try:
             vr = decord.VideoReader(str(path), num_threads=1)
             idx = list(range(len(vr))) if indices is None else list(indices)
             if idx and max(idx) >= len(vr):
                 raise VideoReadError(f"{path}: has {len(vr)} frames, frame {max(idx)} was asked for")
             return vr.get_batch(idx).asnumpy()
+        except VideoReadError:
+            raise
+        except Exception:  # decord rejects some valid sizes (widths 16, 24, 48, ...); PyAV decides
+            pass
+    frames = _read_pyav(path)
+    if indices is not None:
+        if max(indices) >= len(frames):
+            raise VideoReadError(f"{path}: has {len(frames)} frames, frame {max(indices)} was asked for")
+        frames = frames[list(indices)]
+    return frames
+
+
+def _read_pyav(path: Path) -> np.ndarray:
+    try:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        if not frames:
-            raise VideoReadError(f"{path}: no video frames")
-        stack = np.stack(frames)
-        if indices is not None:
-            if max(indices) >= len(stack):
-                raise VideoReadError(f"{path}: has {len(stack)} frames, frame {max(indices)} was asked for")
-            stack = stack[list(indices)]
-        return stack
-    except VideoReadError:
-        raise
     except Exception as e:
-        raise VideoReadError(
-            f"{path}: cannot decode ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})"
-        ) from e
+        raise VideoReadError(f"{path}: cannot decode ({_why(e)})") from e
+    if not frames:
+        raise VideoReadError(f"{path}: no video frames")
+    return np.stack(frames)
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{e.__class__.__name__}: {text}"
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:

@@ -13,6 +13,8 @@ from dmd.config import dump, load
 from dmd.io import write_text
 from dmd.toy.teacher import train_teacher
 
+EPHEMERAL_STARTUP_SECONDS = 180
+
 
 @flow(name="toy-teacher")
 def toy_teacher(params_file: str = "params.yaml", overrides: list[str] | None = None) -> str:
@@ -23,9 +25,15 @@ def toy_teacher(params_file: str = "params.yaml", overrides: list[str] | None = 
 
 
 def main(args) -> int:
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # the temporary Prefect server migrates a fresh database on first start, slower than Prefect's default
+    # allows on a busy machine
+    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
-        output = toy_teacher(args.params, args.overrides)
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
+            output = toy_teacher(args.params, args.overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,37 +36,44 @@ def _backfill(params_file: Path, *options: str) -> str:
     return proc.stdout
 
 
-def _runs(deployment_id):
+@contextmanager
+def _client(api_url: str) -> Iterator:
+    """A client of the test server, whatever API URL this process's Prefect settings were loaded with."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def _runs(api_url: str, deployment_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
-    with get_client(sync_client=True) as client:
+    with _client(api_url) as client:
         return client.read_flow_runs(
             flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
         )
 
 
-def _wait(deployment_id, count: int, server: subprocess.Popen, timeout: float = 300) -> list:
+def _wait(api_url: str, deployment_id, count: int, runner: subprocess.Popen, timeout: float = 300) -> list:
     deadline = time.monotonic() + timeout
     while True:
-        runs = _runs(deployment_id)
+        runs = _runs(api_url, deployment_id)
         finals = [r for r in runs if r.state and r.state.is_final()]
         if len(finals) >= count:
             return runs
-        assert server.poll() is None, "the runner exited"
+        assert runner.poll() is None, "the runner exited"
         assert time.monotonic() < deadline, [(r.name, r.state_name) for r in runs]
         time.sleep(1)
 
 
 @pytest.mark.slow
 def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server, tiny_params_file):
-    from prefect.client.orchestration import get_client
-
     first = _backfill(tiny_params_file, "--shards", "0:4", "--per-run", "2", "--every", "1s")
     assert "2 run(s) created, 0 already there" in first
-    with get_client(sync_client=True) as client:
+    with _client(prefect_server) as client:
         deployment = client.read_deployment_by_name("generate-teacher-data/backfill")
-    runs = _runs(deployment.id)
+    runs = _runs(prefect_server, deployment.id)
     assert sorted(r.parameters["shards"] for r in runs) == ["0:2", "2:4"]
     assert all(r.state_name == "Scheduled" and r.idempotency_key.startswith("backfill-") for r in runs)
     start = {r.parameters["shards"]: r.state.state_details.scheduled_time for r in runs}
@@ -72,7 +81,7 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
 
     second = _backfill(tiny_params_file, "--shards", "0:4", "--per-run", "2")
     assert "0 run(s) created, 2 already there" in second
-    assert len(_runs(deployment.id)) == 2
+    assert len(_runs(prefect_server, deployment.id)) == 2
 
     params = load(tiny_params_file, OVERRIDES)
     assert missing_shards(prepare(params)) == [0, 1, 2, 3, 4]
@@ -88,14 +97,14 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
         stderr=subprocess.DEVNULL,
     )
     try:
-        runs = _wait(deployment.id, 2, runner)
+        runs = _wait(prefect_server, deployment.id, 2, runner)
         assert sorted(r.state_name for r in runs) == ["Completed", "Completed"]
         assert missing_shards(prepare(params)) == [4]
 
         # a run as the schedule makes it: the deployment's parameters, i.e. the next missing shard(s)
-        with get_client(sync_client=True) as client:
+        with _client(prefect_server) as client:
             client.create_flow_run_from_deployment(deployment.id)
-        runs = _wait(deployment.id, 3, runner)
+        runs = _wait(prefect_server, deployment.id, 3, runner)
         assert sorted(r.state_name for r in runs) == ["Completed"] * 3
         assert missing_shards(prepare(params)) == []
     finally:

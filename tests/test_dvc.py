@@ -147,34 +147,101 @@ def test_dag_order_is_the_design_order():
 # End to end on the tiny profile
 
 
+def lineage(lock: dict) -> dict:
+    """What a dvc.lock says about each stage, less the hashes of generated artifacts: commands, settings,
+    code hashes, and which paths each stage read and wrote."""
+    return {
+        name: {
+            "cmd": stage["cmd"],
+            "params": stage.get("params"),
+            "deps": {d["path"]: d.get("md5") if d["path"].startswith("dmd/") else "artifact" for d in stage["deps"]},
+            "outs": sorted(o["path"] for o in stage.get("outs", [])),
+        }
+        for name, stage in lock["stages"].items()
+    }
+
+
+def assert_consistent(lock: dict) -> None:
+    """Each stage read exactly the artifact version its upstream stage recorded writing."""
+    written = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    for name, stage in lock["stages"].items():
+        for dep in stage["deps"]:
+            if dep["path"] in written:
+                assert dep["md5"] == written[dep["path"]], f"{name} read another {dep['path']}"
+
+
+def _wait_for_deployment(client, name: str, runner: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            client.read_deployment_by_name(name)
+            return
+        except Exception:
+            assert runner.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+
+
 @pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path, tiny_wan_dir):
+def test_dvc_repro_and_the_deployment_agree_end_to_end(tmp_path, tiny_wan_dir, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     ws = make_tiny_workspace(tmp_path / "ws", tiny_wan_dir)
+    served = tmp_path / "served"
+    run(["git", "clone", "-q", str(ws), str(served)], tmp_path)
     status = json.loads(dvc("status", "--json", cwd=ws).stdout)
     assert "toy_teacher" not in status and set(status) == set(STAGES[1:])  # shipped teacher: up to date
 
+    # 1. dvc repro from the clean clone runs every stage but the shipped teacher
     first = dvc("repro", cwd=ws)
     assert ran_stages(first.stdout) == STAGES[1:]
-    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    assert lock["train"]["deps"][-2]["path"] == "cache"  # lineage: the cache hash that trained the student
-    assert {o["path"] for o in lock["evaluate"]["outs"]} == {"metrics/eval.json", "reports"}
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert_consistent(lock)  # lineage: the cache hash that trained the student, the student that was evaluated
+    assert {o["path"] for o in lock["stages"]["evaluate"]["outs"]} == {"metrics/eval.json", "reports"}
     assert json.loads(dvc("status", "--json", cwd=ws).stdout) == {}
 
+    # 2. the same DAG through a Prefect server, a runner (`dmd serve`) and `prefect deployment run`
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        runner = subprocess.Popen(
+            [str(BIN / "dmd"), "serve"], cwd=served, env={**env, "PATH": f"{BIN}{os.pathsep}{env['PATH']}"},
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            with temporary_settings({PREFECT_API_URL: prefect_server}), get_client(sync_client=True) as client:
+                _wait_for_deployment(client, "dmd-pipeline/default", runner, log)
+            deployment_run = run(
+                [str(BIN / "prefect"), "deployment", "run", "dmd-pipeline/default", "--watch"], served, env=env
+            )
+        finally:
+            runner.terminate()
+            runner.wait(timeout=60)
+    assert "Completed" in deployment_run.stdout, deployment_run.stdout
+    served_lock = yaml.safe_load((served / "dvc.lock").read_text())
+    assert lineage(served_lock) == lineage(lock)
+    assert_consistent(served_lock)
+    assert json.loads(dvc("status", "--json", cwd=served).stdout) == {}
+    assert "Running stage 'evaluate'" in log.read_text()  # stage output streamed into the run's logs
+
+    # 3. a second dvc repro does nothing, in seconds
     start = time.monotonic()
     again = dvc("repro", cwd=ws)
     assert ran_stages(again.stdout) == [] and time.monotonic() - start < 20
 
+    # 4. one training setting changed: only train and evaluate rerun
     params = (ws / "params.yaml").read_text()
     assert "  max_train_steps: 2\n" in params
     (ws / "params.yaml").write_text(params.replace("  max_train_steps: 2\n", "  max_train_steps: 3\n"))
     assert ran_stages(dvc("repro", cwd=ws).stdout) == ["train", "evaluate"]
 
+    # 5. experiments: dvc exp run -S, and dvc exp show lists the evaluation's metrics
     git_commit(ws, "three steps")
     dvc("exp", "run", "-S", "train.max_train_steps=4", cwd=ws)
     rows = json.loads(dvc("exp", "show", "--json", cwd=ws).stdout)
     experiments = [exp for row in rows for exp in (row.get("experiments") or [])]
     assert experiments, rows
-    revs = experiments[0]["revs"][0]["data"]
-    assert revs["params"]["params.yaml"]["data"]["train"]["max_train_steps"] == 4
-    eval_metrics = revs["metrics"]["metrics/eval.json"]["data"]
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["max_train_steps"] == 4
+    eval_metrics = data["metrics"]["metrics/eval.json"]["data"]
     assert eval_metrics and all(v is not None for v in eval_metrics.values())

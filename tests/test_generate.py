@@ -28,6 +28,7 @@ from dmd.generate import (
     missing_shards,
     parse_shard_range,
     prepare,
+    prompt_index,
     sample_seed,
     write_manifest,
 )
@@ -74,15 +75,31 @@ def test_shard_ranges():
             parse_shard_range(bad, 5)
 
 
-def test_plan_cycles_prompts_and_sizes_the_last_shard(tiny_params_file):
+def test_prompt_order_visits_every_prompt_once_per_pass():
+    orders = [[prompt_index(3, i, 7) for i in range(c * 7, (c + 1) * 7)] for c in range(3)]
+    assert all(sorted(order) == list(range(7)) for order in orders)
+    assert len({tuple(o) for o in orders}) == 3  # a new order each pass
+    assert [prompt_index(3, i, 7) for i in range(21)] == [
+        i for o in orders for i in o
+    ]  # pure: recomputed alike
+    assert [prompt_index(4, i, 7) for i in range(7)] != orders[0]
+    assert all(prompt_index(0, i, 1) == 0 for i in range(5))
+
+
+def test_plan_sizes_the_last_shard_and_draws_seeds_and_prompts_by_index(tiny_params_file):
     params = load(tiny_params_file, ["generate.num_videos=7", "generate.shard_size=3"])
     plan = prepare(params)
     assert plan.num_shards == 3
-    indices = [s.index for k in range(3) for s in plan.samples(k)]
-    assert indices == list(range(7))
-    last = plan.samples(2)
-    assert [s.prompt for s in last] == [plan.prompts[6 % len(plan.prompts)].text]
-    assert [s.seed for s in last] == [sample_seed(params.generate.seed, 6)]
+    samples = [s for k in range(3) for s in plan.samples(k)]
+    assert [s.index for s in samples] == list(range(7)) and [len(plan.samples(k)) for k in range(3)] == [
+        3,
+        3,
+        1,
+    ]
+    for s in samples:
+        prompt = plan.prompts[prompt_index(params.generate.seed, s.index, len(plan.prompts))]
+        assert (s.id, s.prompt, s.prompt_id) == (f"{s.index:08d}", prompt.text, prompt.id)
+        assert s.seed == sample_seed(params.generate.seed, s.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,11 +205,13 @@ def test_shard_range_beyond_target_is_refused(tiny_params_file, capsys):
 
 
 def test_shard_matches_plain_diffusers_from_the_saved_noise(tiny_params_file, tiny_wan_dir, tmp_path):
-    """Batch size 1, a non-default shift: WanPipeline loaded by diffusers itself, run from the saved noise,
-    gives the saved latents exactly and frames equal to ours; the noise is torch.randn from the stored seed."""
+    """A non-default shift; WanPipeline loaded by diffusers itself, run on the shard's batch from the saved
+    noise, gives the saved latents exactly and the frames the videos encode; the noise is torch.randn from
+    the stored seed."""
     from diffusers import WanPipeline
 
-    params = load(tiny_params_file, ["generate.batch_size=1", "generate.flow_shift=5.0"])
+    params = load(tiny_params_file, ["generate.flow_shift=5.0"])
+    assert params.generate.batch_size == params.generate.shard_size == 2  # one batch: one pipeline call
     plan = prepare(params)
     result = generate_shard(plan, 1)
     assert result.videos == 2 and result.sampling_seconds > 0
@@ -200,36 +219,40 @@ def test_shard_matches_plain_diffusers_from_the_saved_noise(tiny_params_file, ti
     rows = pd.read_parquet(shard / MANIFEST)
     assert list(rows["id"]) == ["00000002", "00000003"]
 
+    noise = torch.stack([load_file(shard / f)["noise"] for f in rows["noise"]])
+    for seed, sample_noise in zip(rows["seed"], noise):
+        reference = torch.randn(sample_noise.shape, generator=torch.Generator().manual_seed(int(seed)))
+        assert torch.equal(sample_noise, reference)
+
     pipe = WanPipeline.from_pretrained(tiny_wan_dir)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=5.0)
     pipe.set_progress_bar_config(disable=True)
+    call = dict(
+        prompt=list(rows["prompt"]),
+        negative_prompt=list(rows["negative_prompt"]),
+        height=32,
+        width=32,
+        num_frames=21,
+        num_inference_steps=int(rows["steps"][0]),
+        guidance_scale=float(rows["guidance"][0]),
+        latents=noise,
+        max_sequence_length=params.model.max_sequence_length,
+    )
+    latents = pipe(**call, output_type="latent").frames
+    saved = torch.stack([load_file(shard / f)["latents"] for f in rows["latents"]])
+    assert torch.equal(saved, latents)
+    frames = pipe(**call, output_type="np").frames
+    ours = decode_latents(pipe, latents)
+    assert np.array_equal(ours, (frames * 255).round().astype(np.uint8))
+
+    # random weights draw noise-like frames that H.264 keeps only roughly, so each mp4 is compared with an
+    # encoding of the expected frames (two encodings of the same frames differ by ~0.05 levels on average)
     videos = []
-    for row in rows.itertuples():
-        noise = load_file(shard / row.noise)["noise"]
-        reference_noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(int(row.seed)))
-        assert torch.equal(noise, reference_noise)
-        call = dict(
-            prompt=row.prompt,
-            negative_prompt=row.negative_prompt,
-            height=32,
-            width=32,
-            num_frames=21,
-            num_inference_steps=int(row.steps),
-            guidance_scale=float(row.guidance),
-            latents=noise[None],
-            max_sequence_length=params.model.max_sequence_length,
-        )
-        latents = pipe(**call, output_type="latent").frames
-        assert torch.equal(load_file(shard / row.latents)["latents"], latents[0])
-        frames = pipe(**call, output_type="np").frames[0]
-        ours = decode_latents(pipe, latents)[0]
-        assert np.array_equal(ours, (frames * 255).round().astype(np.uint8))
-        # random weights draw noise-like frames that H.264 keeps only roughly, so the mp4 is compared with an
-        # encoding of the expected frames (two encodings of the same frames differ by ~0.05 levels on average)
+    for row, expected in zip(rows.itertuples(), ours):
         assert sha256_file(shard / row.video) == row.sha256
         video = read_video(shard / row.video)
         assert video.shape == (21, 32, 32, 3)
-        encoded = read_video(write_video(tmp_path / f"{row.id}.mp4", ours, fps=params.generate.fps))
+        encoded = read_video(write_video(tmp_path / f"{row.id}.mp4", expected, fps=params.generate.fps))
         assert _mean_abs(video, encoded) < 0.5
         videos.append(video)
     assert _mean_abs(*videos) > 5  # the tolerance above tells videos apart

@@ -66,7 +66,8 @@ def test_mode_averaged_clips_are_blurry_and_inaccurate(world, real, reference):
     clips, captions = real
     rng = np.random.default_rng(5)
     averaged = [
-        np.mean([world.sample_clip(c, rng) for _ in range(8)], axis=0).round().astype(np.uint8) for c in captions
+        np.mean([world.sample_clip(c, rng) for _ in range(8)], axis=0).round().astype(np.uint8)
+        for c in captions
     ]
     result = judge_clips(averaged, captions, world, reference)
     assert result["sharpness"] < 0.3
@@ -84,7 +85,9 @@ def test_wrong_colour_is_a_colour_error_only(world, real, reference):
         swapped.append(world.sample_clip(caption.replace(c.colour, other), rng))
     result = judge_clips(swapped, captions, world, reference)
     assert result["accuracy"]["colour"] == 0.0
-    assert result["accuracy"]["shape"] == result["accuracy"]["direction"] == result["accuracy"]["speed"] == 1.0
+    assert (
+        result["accuracy"]["shape"] == result["accuracy"]["direction"] == result["accuracy"]["speed"] == 1.0
+    )
     assert result["sharpness"] == 1.0
 
 
@@ -116,7 +119,9 @@ def test_judge_cli_on_mp4_files(tmp_path, world, real, capsys):
     prompts.write_text(json.dumps(captions[:6]))
     (tmp_path / "params.yaml").write_text("toy:\n  seed: 0\n")
     out = tmp_path / "judge.json"
-    args = Namespace(videos=videos, prompts=[str(prompts)], params=str(tmp_path / "params.yaml"), output=str(out))
+    args = Namespace(
+        videos=videos, prompts=[str(prompts)], params=str(tmp_path / "params.yaml"), output=str(out)
+    )
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out)["accuracy"] == result["accuracy"]

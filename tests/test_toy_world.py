@@ -53,7 +53,9 @@ def test_one_caption_allows_many_clips_all_in_frame(world):
         np.testing.assert_array_equal(object_pixels, area)  # never cut by the border
 
 
-@pytest.mark.parametrize("direction,step", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
+@pytest.mark.parametrize(
+    "direction,step", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))]
+)
 @pytest.mark.parametrize("speed", list(SPEEDS))
 def test_object_moves_as_captioned(world, direction, step, speed):
     caption = f"a red square moving {direction} {speed}"

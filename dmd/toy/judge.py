@@ -308,4 +308,3 @@ def main(args) -> int:
     summary = {k: v for k, v in result.items() if k != "clips"}
     print(json.dumps(summary, indent=2))
     return 0
-

@@ -58,7 +58,9 @@ def decode_unclamped(vae: AutoencoderKLWan, z_BCTHW: torch.Tensor) -> torch.Tens
     for i in range(x.shape[2]):
         vae._conv_idx = [0]
         frames.append(
-            vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+            vae.decoder(
+                x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0
+            )
         )
     vae.clear_cache()
     return torch.cat(frames, dim=2)
@@ -112,7 +114,10 @@ def train_vae(
 def encode_latents(vae: AutoencoderKLWan, clips: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """Posterior means (N, z_dim, T', H', W') of whole clips, as WanPipeline's VAE sees them (unnormalised)."""
     return torch.cat(
-        [vae.encode(clips_to_pixels(clips[i : i + batch_size])).latent_dist.mode() for i in range(0, len(clips), batch_size)]
+        [
+            vae.encode(clips_to_pixels(clips[i : i + batch_size])).latent_dist.mode()
+            for i in range(0, len(clips), batch_size)
+        ]
     )
 
 
@@ -152,7 +157,9 @@ def train_transformer(
         ffn_dim=cfg.ffn_dim,
         seed=cfg.seed,
     ).train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.transformer_learning_rate, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(
+        transformer.parameters(), lr=cfg.transformer_learning_rate, weight_decay=0.01
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _cosine_lr(s, cfg.transformer_steps, max(1, cfg.transformer_steps // 20))
     )
@@ -187,13 +194,20 @@ def train_transformer(
     with torch.no_grad():
         for average, p in zip(ema, transformer.parameters()):
             p.copy_(average)
-    return transformer.eval().requires_grad_(False), {"final_flow_matching_loss": float(np.mean(losses[-200:]))}
+    return transformer.eval().requires_grad_(False), {
+        "final_flow_matching_loss": float(np.mean(losses[-200:]))
+    }
 
 
 def train_teacher(params: Params, *, progress: bool = True) -> Path:
     """Train VAE, text encoder and transformer on the toy world; save a WanPipeline dir at toy_teacher.output_dir."""
     cfg = params.toy_teacher
     world = ToyWorld(params.toy)
+    if cfg.vae_num_frames > params.toy.num_frames:
+        raise ValueError(
+            f"toy_teacher.vae_num_frames={cfg.vae_num_frames} exceeds toy.num_frames={params.toy.num_frames}; "
+            "use a window no longer than the clips"
+        )
     generator = torch.Generator().manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -204,6 +218,7 @@ def train_teacher(params: Params, *, progress: bool = True) -> Path:
     vae, vae_stats = train_vae(clips, cfg, generator, progress)
     timings["vae_seconds"] = time.perf_counter() - started
     vae_stats["reconstruction_mae_255"] = reconstruction_error(vae, clips[:64])
+    log.info("toy teacher: VAE round trip off by %.2f / 255 per pixel", vae_stats["reconstruction_mae_255"])
     latents = set_latent_statistics(vae, encode_latents(vae, clips))
     timings["encode_seconds"] = time.perf_counter() - started - timings["vae_seconds"]
 
@@ -215,7 +230,14 @@ def train_teacher(params: Params, *, progress: bool = True) -> Path:
 
     phase = time.perf_counter()
     transformer, transformer_stats = train_transformer(
-        latents, caption_index, embeds[:-1], embeds[-1], cfg, params.model.flow_schedule_shift, generator, progress
+        latents,
+        caption_index,
+        embeds[:-1],
+        embeds[-1],
+        cfg,
+        params.model.flow_schedule_shift,
+        generator,
+        progress,
     )
     timings["transformer_seconds"] = time.perf_counter() - phase
 

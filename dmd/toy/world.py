@@ -108,9 +108,7 @@ class ToyWorld:
         for _ in range(1000):
             picked = [combos[i] for i in sorted(rng.choice(len(combos), size=n, replace=False))]
             rest = [c for c in combos if c not in set(picked)]
-            if all(
-                {getattr(c, a) for c in rest} == {getattr(c, a) for c in combos} for a in ATTRIBUTES
-            ):
+            if all({getattr(c, a) for c in rest} == {getattr(c, a) for c in combos} for a in ATTRIBUTES):
                 return picked
         raise ValueError(f"toy.num_held_out={n}: cannot hold out that many and keep every value in training")
 
@@ -182,6 +180,8 @@ class ToyWorld:
         """`num_clips` clips cycling through the split's captions in a seeded order: (N,T,H,W,3), captions."""
         rng = np.random.default_rng(seed)
         captions = self.captions(split)
-        order = np.concatenate([rng.permutation(len(captions)) for _ in range(-(-num_clips // len(captions)))])
+        order = np.concatenate(
+            [rng.permutation(len(captions)) for _ in range(-(-num_clips // len(captions)))]
+        )
         chosen = [captions[i] for i in order[:num_clips]]
         return np.stack([self.sample_clip(c, rng) for c in chosen]), chosen

@@ -1,0 +1,219 @@
+"""Teacher data generation: videos/s, and the wall time of the generate-teacher-data flow over the teacher's pure
+sampling time (target: orchestration and I/O overhead at most 10%).
+
+    .venv/bin/python benchmarks/generate.py [--shards 2] [--params params.yaml]
+
+Side by side in one process, on the same videos (same prompts, noise, batches, steps and guidance, from params):
+  teacher     WanPipeline called directly, denoising and VAE decode to frames, nothing written: pure sampling
+  flow, N     the generate-teacher-data flow with N workers (thread runner): Prefect tasks, mp4 + latents + noise
+              files, shard and top-level manifests
+Runs go teacher, flow 2, flow 1, teacher; the teacher time is the mean of its two runs, since the machine may be
+shared. One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
+reported apart: they do not grow with the data set.
+
+Uses the shipped toy teacher (models/toy-teacher) when it exists, else a random-weight Wan of the toy teacher's
+architecture (sampling costs the same; its noise-like videos take longer to encode than toy clips). Writes
+benchmarks/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TOY_TEACHER = REPO / "models" / "toy-teacher"
+RESULTS = REPO / "benchmarks" / "results" / "generate.json"
+
+
+def random_toy_teacher(params, directory: Path) -> Path:
+    """A Wan pipeline of the toy teacher's architecture with random weights."""
+    from diffusers import WanPipeline
+
+    from dmd.tiny import (
+        build_scheduler,
+        build_text_encoder,
+        build_tokenizer,
+        build_transformer,
+        build_vae,
+        save_pipeline,
+    )
+    from dmd.toy.world import ToyWorld
+
+    cfg = params.toy_teacher
+    tokenizer = build_tokenizer(ToyWorld(params.toy).vocabulary())
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=build_text_encoder(len(tokenizer), d_model=cfg.text_dim, seed=cfg.seed),
+        vae=build_vae(cfg.z_dim, cfg.vae_base_dim, seed=cfg.seed),
+        transformer=build_transformer(
+            in_channels=cfg.z_dim,
+            text_dim=cfg.text_dim,
+            num_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            attention_head_dim=cfg.attention_head_dim,
+            ffn_dim=cfg.ffn_dim,
+            seed=cfg.seed,
+        ),
+        scheduler=build_scheduler(params.model.flow_schedule_shift),
+    )
+    return save_pipeline(pipe, directory / "toy-teacher-random")
+
+
+def teacher_pass(sampler, plan, shards: range) -> float:
+    """Seconds for the teacher alone to draw the videos of `shards` as the flow batches them."""
+    from dmd.generate import initial_noise
+
+    cfg = plan.params.generate
+    shape = sampler.latent_shape(cfg.height, cfg.width, cfg.num_frames)
+    start = time.perf_counter()
+    for shard in shards:
+        samples = plan.samples(shard)
+        for i in range(0, len(samples), cfg.batch_size):
+            batch = samples[i : i + cfg.batch_size]
+            sampler.pipe(
+                prompt=[s.prompt for s in batch],
+                negative_prompt=[plan.params.negative_prompt] * len(batch),
+                height=cfg.height,
+                width=cfg.width,
+                num_frames=cfg.num_frames,
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                latents=torch.stack([initial_noise(s.seed, shape) for s in batch]),
+                output_type="np",
+                max_sequence_length=plan.params.model.max_sequence_length,
+            )
+    return time.perf_counter() - start
+
+
+def flow_pass(params, workdir: Path, name: str, shards: range, workers: int) -> tuple[float, dict]:
+    from dmd.config import dump, load
+    from flows.generate import generate_teacher_data
+
+    params_file = workdir / f"{name}.yaml"
+    params_file.write_text(dump(params))
+    overrides = [f"generate.output_dir={workdir / name}", f"generate.workers={workers}"]
+    load(params_file, overrides)  # fail here, not inside the timing, on bad settings
+    start = time.perf_counter()
+    result = generate_teacher_data(
+        params_file=str(params_file), overrides=overrides, shards=f"{shards.start}:{shards.stop}"
+    )
+    return time.perf_counter() - start, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=2, help="shards per measured run (default 2)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="dmd-bench-generate-"))
+    if "PREFECT_API_URL" not in os.environ:  # a throwaway temporary server, not the user's Prefect home
+        os.environ["PREFECT_HOME"] = str(workdir / "prefect")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+    from dmd.config import load
+    from dmd.generate import TeacherSampler, prepare
+    from dmd.io import write_json
+
+    params = load(args.params)
+    if (TOY_TEACHER / "model_index.json").is_file():
+        teacher, teacher_note = TOY_TEACHER, "models/toy-teacher"
+    else:
+        teacher = random_toy_teacher(params, workdir)
+        teacher_note = "random weights, toy-teacher architecture (models/toy-teacher not found)"
+    cfg = params.generate
+    shards = range(args.shards)
+    params = load(
+        args.params,
+        [
+            f"model.pretrained_model_name_or_path={teacher}",
+            f"generate.num_videos={args.shards * cfg.shard_size}",
+            f"generate.output_dir={workdir / 'plan'}",
+        ],
+    )
+    plan = prepare(params)
+    videos = sum(len(plan.samples(k)) for k in shards)
+
+    start = time.perf_counter()
+    sampler = TeacherSampler(params)
+    load_seconds = time.perf_counter() - start
+    # warm-up: starts the Prefect server, loads the flow's shared teacher, runs one shard end to end
+    warmup_seconds, _ = flow_pass(params, workdir, "warmup", range(1), workers=2)
+
+    teacher_1 = teacher_pass(sampler, plan, shards)
+    flow_2, result_2 = flow_pass(params, workdir, "flow-2-workers", shards, workers=2)
+    flow_1, result_1 = flow_pass(params, workdir, "flow-1-worker", shards, workers=1)
+    teacher_2 = teacher_pass(sampler, plan, shards)
+    assert result_1["videos"] == result_2["videos"] == videos, (result_1, result_2)
+    teacher_seconds = (teacher_1 + teacher_2) / 2
+
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(sampler.device),
+    }
+    rows = [
+        ("teacher, run 1", teacher_1),
+        ("flow, 2 workers (default)", flow_2),
+        ("flow, 1 worker", flow_1),
+        ("teacher, run 2", teacher_2),
+    ]
+    print(f"machine: {machine}")
+    print(f"teacher: {teacher_note}")
+    print(
+        f"work: {videos} videos ({args.shards} shards of {cfg.shard_size}, batch {cfg.batch_size}), "
+        f"{cfg.num_inference_steps} steps, guidance {cfg.guidance_scale}, {cfg.num_frames}×{cfg.height}×{cfg.width}"
+    )
+    print(f"{'run':<28}{'seconds':>10}{'videos/s':>10}{'÷ teacher':>11}")
+    for name, seconds in rows:
+        print(f"{name:<28}{seconds:>10.2f}{videos / seconds:>10.3f}{seconds / teacher_seconds:>11.3f}")
+    print(
+        f"one-time: teacher load {load_seconds:.2f} s; warm-up (Prefect server start + first shard) "
+        f"{warmup_seconds:.2f} s"
+    )
+    overhead = flow_2 / teacher_seconds - 1
+    print(f"overhead of the default flow over pure sampling: {overhead:+.1%} (target ≤ +10%)")
+
+    write_json(
+        RESULTS,
+        {
+            "machine": machine,
+            "teacher": teacher_note,
+            "videos": videos,
+            "shards": args.shards,
+            "settings": {
+                "shard_size": cfg.shard_size,
+                "batch_size": cfg.batch_size,
+                "steps": cfg.num_inference_steps,
+                "guidance": cfg.guidance_scale,
+                "frames": cfg.num_frames,
+                "height": cfg.height,
+                "width": cfg.width,
+            },
+            "seconds": dict(rows) | {"teacher_mean": teacher_seconds},
+            "videos_per_second": {name: videos / s for name, s in rows},
+            "ratio_to_teacher": {name: s / teacher_seconds for name, s in rows},
+            "overhead_default_flow": overhead,
+            "one_time_seconds": {"teacher_load": load_seconds, "warmup_flow": warmup_seconds},
+        },
+    )
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
