@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,10 +34,12 @@ from dmd.ema import EMA
 from dmd.evaluate import LatentDecoder, load_teacher_pipeline, scheduler_with_shift
 from dmd.io import atomic_path, write_json
 from dmd.method import DMDMethod
+from dmd.metrics import gap_closed
 from dmd.roles import build_roles
 from dmd.rollout import RolloutSchedule, sample
 from dmd.toy.judge import judge_clips, reference_clips
 from dmd.toy.world import ATTRIBUTES, ToyWorld
+from dmd.train import build_groups, step_generator
 from dmd.wan import encode_prompts
 
 log = logging.getLogger("dmd_toy")
@@ -89,6 +92,11 @@ class Teacher:
         )[0]
 
 
+def uses_teacher_clips(params: Params) -> bool:
+    dc = params.train.distillation_config
+    return dc.rollout_from == "data" or dc.regression_loss_weight > 0
+
+
 def batched(fn, *tensors, size: int = 16):
     return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, len(tensors[0]), size)])
 
@@ -98,18 +106,22 @@ def summarise(result: dict) -> dict:
     return {**{k: result[k] for k in keep}, **{f"acc_{a}": result["accuracy"][a] for a in ATTRIBUTES}}
 
 
-def train_student(params: Params, data: SimpleNamespace, steps: int, seed: int) -> tuple[object, float, list]:
-    """A plain DMD loop (critic every step, generator per generator_update_interval, EMA); returns the roles with
-    EMA weights swapped in when train.use_ema, the wall time, and the loss log."""
-    torch.manual_seed(seed)
+def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[object, float, list]:
+    """The training run's own step on in-memory data: `dmd.train`'s optimizer groups (learning-rate schedule,
+    clipping, weight decay), its per-step generator and its order (student update when `updates_generator`,
+    then the critic), and EMA. Returns the roles with the EMA weights swapped in when train.use_ema, the wall
+    time of the loop, and the metrics log."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    tc = params.train
+    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=True)
+    set_seed(tc.seed)
     roles = build_roles(params)
     method = DMDMethod(params, roles, data.negative, data.empty)
-    tc = params.train
-    critic_opt = method.critic_optimizer()
-    student_opt = torch.optim.AdamW(method.student_parameters(), lr=tc.learning_rate, weight_decay=0.0)
-    ema = EMA(method.student_parameters(), tc.ema_decay, tc.ema_update_interval) if tc.use_ema else None
-    gen = torch.Generator().manual_seed(seed)
-    batch_rng = np.random.default_rng(seed)
+    student, critic = build_groups(params, method, steps, acc)
+    ema = EMA(student.params, tc.ema_decay, tc.ema_update_interval) if tc.use_ema else None
+    batch_rng = np.random.default_rng(tc.seed)
     history, start = [], time.perf_counter()
     n = len(data.latents)
     for step in range(steps):
@@ -121,26 +133,20 @@ def train_student(params: Params, data: SimpleNamespace, steps: int, seed: int) 
             captions=[data.captions[i] for i in idx],
             keys=[str(int(i)) for i in idx],
         )
-        loss, m = method.critic_loss(batch, gen)
-        critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        method.clip_critic_gradients()
-        critic_opt.step()
+        generator = step_generator(tc.seed, step, 0)
+        m = {}
         if method.updates_generator(step):
-            loss, g = method.generator_loss(batch, gen)
-            student_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(method.student_parameters(), tc.max_grad_norm)
-            student_opt.step()
-            if ema is not None:
+            update = student.update(partial(method.generator_loss, generator=generator), [batch])
+            if ema is not None and update.finite:
                 ema.step()
-            m.update(g)
+            m.update(update.metrics)
+        update = critic.update(partial(method.critic_loss, generator=generator), [batch])
+        m.update(update.metrics)
         history.append(m)
         if (step + 1) % max(1, steps // 10) == 0:
             rate = (step + 1) / (time.perf_counter() - start)
             log.info(
-                "step %d/%d (%.1f it/s) critic %.4f dmd %.4f",
+                "step %d/%d (%.2f it/s) critic %.4f dmd %.4f",
                 step + 1,
                 steps,
                 rate,
@@ -150,7 +156,7 @@ def train_student(params: Params, data: SimpleNamespace, steps: int, seed: int) 
     seconds = time.perf_counter() - start
     if ema is not None:
         with torch.no_grad():
-            for p, shadow in zip(method.student_parameters(), ema.shadow):
+            for p, shadow in zip(student.params, ema.shadow):
                 p.copy_(shadow)
     return roles, seconds, history
 
@@ -161,7 +167,11 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--trial", action="append", default=[], help="name[:key=value,...] (repeatable)")
     parser.add_argument("--steps", type=int, help="training steps per trial (default: train.max_train_steps)")
-    parser.add_argument("--teacher-clips", type=int, default=256, help="teacher clips to train on")
+    parser.add_argument(
+        "--teacher-clips",
+        type=int,
+        help="teacher clips to train on, one per training caption in turn (default: generate.num_videos)",
+    )
     parser.add_argument("--seeds", type=int, default=8, help="evaluation seeds per held-out caption")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
@@ -174,22 +184,28 @@ def main() -> int:
     teacher = Teacher(base)
     few = len(base.train.distillation_config.dmd_denoising_steps)
 
-    # training data as the generate stage makes it
+    # training data as the generate stage makes it; the teacher's clips only when a trial reads them (rollouts
+    # from data, the regression loss): rollouts from noise use the prompts alone
+    trial_params = [(name, load(args.params, args.overrides + ov), ov) for name, ov in trials]
     train_captions = world.captions("train")
-    captions = [train_captions[i % len(train_captions)] for i in range(args.teacher_clips)]
+    num_clips = args.teacher_clips or base.generate.num_videos
+    captions = [train_captions[i % len(train_captions)] for i in range(num_clips)]
     negative, empty = teacher.encode([base.negative_prompt]), teacher.encode([""])
     embeds = teacher.encode(captions)
     g = torch.Generator().manual_seed(base.generate.seed)
     noise = torch.randn((len(captions), *teacher.latent_shape), generator=g)
-    start = time.perf_counter()
-    latents = batched(
-        lambda e, z: teacher.generate(
-            e, negative, z, base.generate.num_inference_steps, base.generate.guidance_scale
-        ),
-        embeds,
-        noise,
-    )
-    log.info("teacher data: %d clips in %.0f s", len(captions), time.perf_counter() - start)
+    if any(uses_teacher_clips(p) for _, p, _ in trial_params):
+        start = time.perf_counter()
+        latents = batched(
+            lambda e, z: teacher.generate(
+                e, negative, z, base.generate.num_inference_steps, base.generate.guidance_scale
+            ),
+            embeds,
+            noise,
+        )
+        log.info("teacher data: %d clips in %.0f s", len(captions), time.perf_counter() - start)
+    else:
+        latents = torch.zeros_like(noise)  # only their shape is read
     data = SimpleNamespace(
         latents=latents, embeds=embeds, noise=noise, captions=captions, negative=negative, empty=empty
     )
@@ -203,31 +219,50 @@ def main() -> int:
     )
     reference = reference_clips(world, eval_captions)
     rows, grids = {}, {}
+    machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__)
+    guidance = base.evaluate.teacher_guidance
+    full = base.evaluate.teacher_steps
+    full_name, few_name = f"teacher {full} steps cfg {guidance:g}", f"teacher {few} steps cfg {guidance:g}"
 
     def judge(name: str, latents_BCTHW: torch.Tensor, **info):
         clips = list(batched(lambda z: torch.from_numpy(teacher.decoder(z)), latents_BCTHW))
         clips = [c.numpy() for c in clips]
         rows[name] = {**summarise(judge_clips(clips, eval_captions, world, reference=reference)), **info}
+        if full_name in rows and few_name in rows:
+            rows[name]["gap_closed"] = {
+                k: gap_closed(rows[few_name][k], rows[full_name][k], rows[name][k])
+                for k in ("sharpness", "fd")
+            }
         grids[name] = np.stack([c[len(c) // 2] for c in clips[:: args.seeds]])
         log.info(
             "%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}
         )
+        # after every run, so a long sweep keeps what it measured so far
+        write_json(
+            args.output,
+            {
+                "machine": machine,
+                "eval_clips": len(eval_captions),
+                "eval_captions": sorted(set(eval_captions)),
+                "seeds_per_caption": args.seeds,
+                "teacher_clips": num_clips,
+                "rows": rows,
+            },
+        )
 
-    guidance = base.evaluate.teacher_guidance
-    full = base.evaluate.teacher_steps
-    for steps, w in ((full, guidance), (full, 1.0), (few, guidance), (few, 1.0)):
+    for steps, w in ((full, guidance), (few, guidance), (full, 1.0), (few, 1.0)):
         judge(
             f"teacher {steps} steps cfg {w:g}",
             batched(
                 lambda e, z, s=steps, w=w: teacher.generate(e, negative, z, s, w), eval_embeds, eval_noise
             ),
+            nfe=steps * (2 if w > 1 else 1),
         )
 
-    for name, overrides in trials:
-        params = load(args.params, args.overrides + overrides)
+    for name, params, overrides in trial_params:
         steps = args.steps or params.train.max_train_steps
         log.info("trial %s: %s, %d steps", name, overrides or "params as given", steps)
-        roles, seconds, history = train_student(params, data, steps, params.train.seed)
+        roles, seconds, history = train_student(params, data, steps)
         schedule = RolloutSchedule.from_params(params)
         gen = torch.Generator().manual_seed(base.evaluate.seed)
         student = batched(
@@ -236,20 +271,21 @@ def main() -> int:
             eval_noise,
         )
         last = history[-max(1, len(history) // 10) :]
+        n_blocks = len(schedule.block_ranges(teacher.latent_shape[1]))
         judge(
             f"student {name}",
             student,
+            nfe=schedule.num_steps * n_blocks,
             train_seconds=round(seconds, 1),
             steps=steps,
             overrides=overrides,
             critic_loss_end=float(np.mean([m["critic_loss"] for m in last])),
         )
+        del roles
 
     print_table(rows)
-    machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__)
-    write_json(args.output, {"machine": machine, "eval_clips": len(eval_captions), "rows": rows})
     grid = Path(args.output).with_suffix(".png")
-    save_grid(grids, grid)
+    save_grid(grids, sorted(set(eval_captions)), grid)
     print(f"wrote {args.output} and {grid}")
     return 0
 
@@ -261,32 +297,42 @@ def print_table(rows: dict) -> None:
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     short = {"motion_consistency": "motion", "accuracy_all": "acc_all"}
     header = (
-        f"{'run':44s}"
-        + "".join(f"{short.get(c, c.replace('acc_', '')):>10s}" for c in cols)
-        + f"{'train s':>9s}"
+        f"{'run':34s}{'NFE':>5s}"
+        + "".join(f"{short.get(c, c.replace('acc_', '')):>9s}" for c in cols)
+        + f"{'gap sharp':>10s}{'gap fd':>8s}{'train s':>9s}"
     )
     print(header + "\n" + "-" * len(header))
     for name, r in rows.items():
-        cells = "".join(f"{r[c]:10.3f}" if r[c] is not None else f"{'-':>10s}" for c in cols)
-        print(f"{name:44s}{cells}{r.get('train_seconds', ''):>9}")
+        cells = "".join(f"{r[c]:9.3f}" if r[c] is not None else f"{'-':>9s}" for c in cols)
+        gap = r.get("gap_closed", {})
+        gaps = "".join(
+            f"{gap[k]:{w}.2f}" if gap.get(k) is not None else f"{'':>{w}s}"
+            for k, w in (("sharpness", 10), ("fd", 8))
+        )
+        print(f"{name[:34]:34s}{r['nfe']:5d}{cells}{gaps}{r.get('train_seconds', ''):>9}")
 
 
-def save_grid(grids: dict, path: Path) -> None:
+def save_grid(grids: dict, captions: list[str], path: Path) -> None:
+    """Middle frames: one row per held-out caption (its first seed), one column per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(grids)
-    cols = max(len(g) for g in grids.values())
-    fig, axes = plt.subplots(len(names), cols, figsize=(1.2 * cols + 2, 1.3 * len(names)), squeeze=False)
-    for r, name in enumerate(names):
-        for c in range(cols):
+    fig, axes = plt.subplots(
+        len(captions), len(names), figsize=(1.4 * len(names) + 2.5, 1.4 * len(captions)), squeeze=False
+    )
+    for c, name in enumerate(names):
+        for r in range(len(captions)):
             ax = axes[r][c]
-            ax.axis("off")
-            if c < len(grids[name]):
-                ax.imshow(grids[name][c])
-        axes[r][0].set_title(name, fontsize=7, loc="left")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(grids[name][r])
+            if r == 0:
+                ax.set_title(name.replace(" cfg", "\ncfg").replace("student ", "student\n"), fontsize=7)
+            if c == 0:
+                ax.set_ylabel(captions[r].replace(" moving ", "\nmoving "), fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)

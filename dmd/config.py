@@ -89,17 +89,22 @@ class ToyTeacherConfig(Section):
     output_dir: str = "models/toy-teacher"
     seed: int = 0
     num_clips: int = Field(2048, ge=1, description="World clips drawn once from the training captions.")
-    vae_steps: int = Field(1500, ge=1)
-    vae_batch_size: int = Field(16, ge=1)
+    vae_steps: int = Field(800, ge=1)
+    vae_batch_size: int = Field(4, ge=1)
     vae_learning_rate: float = Field(2e-3, gt=0)
     vae_num_frames: int = Field(
-        9, ge=1, description="Frames per VAE training window (4k+1); the causal VAE then runs on whole clips."
+        21,
+        ge=1,
+        description="Frames per VAE training window (4k+1); windows shorter than the clips leave the causal "
+        "caches of later latent frames untrained.",
     )
     vae_object_weight: float = Field(
         4.0, ge=0, description="Extra reconstruction weight on object pixels (objects cover ~8% of a frame)."
     )
-    vae_kl_weight: float = Field(1e-3, ge=0, description="Weight of the KL term next to the reconstruction MSE.")
-    transformer_steps: int = Field(4000, ge=1)
+    vae_kl_weight: float = Field(
+        1e-3, ge=0, description="Weight of the KL term next to the reconstruction MSE."
+    )
+    transformer_steps: int = Field(3000, ge=1)
     transformer_batch_size: int = Field(32, ge=1)
     transformer_learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(
@@ -109,8 +114,8 @@ class ToyTeacherConfig(Section):
     num_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(4, ge=1)
     attention_head_dim: int = Field(16, ge=1)
-    ffn_dim: int = Field(256, ge=1)
-    z_dim: int = Field(8, ge=1, description="VAE latent channels (the transformer's in/out channels).")
+    ffn_dim: int = Field(128, ge=1)
+    z_dim: int = Field(16, ge=1, description="VAE latent channels (the transformer's in/out channels).")
     vae_base_dim: int = Field(16, ge=1)
     text_dim: int = Field(32, ge=4, description="Width of the tiny UMT5 text encoder.")
 

@@ -261,7 +261,8 @@ class GenerationPlan:
 
     def fingerprint(self, shard: int) -> str:
         settings = generation_settings(self.params)
-        for key in ("num_videos", "shard_size", "prompts", "toy", "seed"):  # covered by the samples below
+        # the samples cover these, and the teacher's content (teacher_revision) its location
+        for key in ("num_videos", "shard_size", "prompts", "toy", "seed", "teacher", "text_encoder"):
             settings.pop(key)
         content = {
             "settings": settings,
@@ -289,7 +290,7 @@ class GenerationPlan:
 
 def missing_shards(plan: GenerationPlan, shards: range | None = None) -> list[int]:
     """Shards of `shards` (default: the whole target) that are absent or stale, in order."""
-    return [k for k in shards or range(plan.num_shards) if plan.status(k) != "complete"]
+    return [k for k in (range(plan.num_shards) if shards is None else shards) if plan.status(k) != "complete"]
 
 
 def prepare(params: Params) -> GenerationPlan:
@@ -301,11 +302,11 @@ def prepare(params: Params) -> GenerationPlan:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer
 
-    from dmd.wan import _source
+    from dmd.wan import model_source
 
     cfg, model = params.generate, params.model
-    teacher, _ = _source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
-    text_encoder, _ = _source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
+    teacher = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    text_encoder = model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
     if Path(teacher).is_dir() and not (Path(teacher) / "model_index.json").is_file():
         raise GenerationError(
             f"model.pretrained_model_name_or_path={teacher}: not a diffusers pipeline directory (no "

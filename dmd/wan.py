@@ -27,11 +27,11 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
-def _source(path_or_id: str, what: str) -> tuple[str, dict]:
+def model_source(path_or_id: str, what: str) -> str:
     """Check that a local path exists, or that a hub id may be fetched; say how to fix it otherwise."""
     p = Path(path_or_id)
     if p.exists():
-        return str(p), {}
+        return str(p)
     looks_local = path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if looks_local or offline:
@@ -45,7 +45,7 @@ def _source(path_or_id: str, what: str) -> tuple[str, dict]:
             f"{path_or_id if not looks_local else 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'} --local-dir DIR`) and set "
             f"model.pretrained_model_name_or_path (and model.pretrained_t5_model_name_or_path) to DIR."
         )
-    return path_or_id, {}
+    return path_or_id
 
 
 def _dtype(precision: str, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -62,7 +62,7 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_transformer(cfg: ModelConfig, device: str | torch.device = "cpu") -> WanTransformer3DModel:
-    src, kw = _source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    src = model_source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     dtype = _dtype(cfg.base_model_precision)
     model = WanTransformer3DModel.from_pretrained(
         src, subfolder="transformer", torch_dtype=dtype, revision=cfg.revision
@@ -73,7 +73,7 @@ def load_transformer(cfg: ModelConfig, device: str | torch.device = "cpu") -> Wa
 
 
 def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu") -> AutoencoderKLWan:
-    src, _ = _source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    src = model_source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     # Wan's VAE runs in fp32 in diffusers' own examples; it is small next to the transformer.
     vae = AutoencoderKLWan.from_pretrained(
         src, subfolder="vae", torch_dtype=torch.float32, revision=cfg.revision
@@ -83,7 +83,7 @@ def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu") -> Autoencode
 
 def load_text_encoder(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """(tokenizer, text_encoder) from model.pretrained_t5_model_name_or_path, at text_encoder_1_precision."""
-    src, _ = _source(cfg.text_encoder_path, "model.pretrained_t5_model_name_or_path")
+    src = model_source(cfg.text_encoder_path, "model.pretrained_t5_model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", revision=cfg.revision)
     dtype = _dtype(cfg.text_encoder_1_precision)
     encoder = UMT5EncoderModel.from_pretrained(

@@ -128,14 +128,19 @@ def lock_holders(workspace: Path) -> list[str]:
                 entry[mode].append(os.path.relpath(path, workspace) if os.path.isabs(path) else path)
     lines = []
     for pid, entry in sorted(holders.items()):
-        what = "; ".join(f"{mode}s {', '.join(sorted(entry[mode]))}" for mode in ("write", "read") if entry[mode])
+        what = "; ".join(
+            f"{mode}s {', '.join(sorted(entry[mode]))}" for mode in ("write", "read") if entry[mode]
+        )
         lines.append(f"PID {pid} ({entry['cmd']}) {what}")
     return lines
 
 
 def busy_message(workspace: Path, stage: str, dvc_line: str) -> str:
     holders = lock_holders(workspace)
-    who = "\n".join(f"  {h}" for h in holders) or "  (the repository lock .dvc/tmp/lock; no stage lock recorded)"
+    who = (
+        "\n".join(f"  {h}" for h in holders)
+        or "  (the repository lock .dvc/tmp/lock; no stage lock recorded)"
+    )
     return (
         f"stage {stage!r}: the DVC workspace {workspace} is busy; another DVC operation holds its lock:\n"
         f"{who}\n"
@@ -172,7 +177,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_if_retryable)
+@task(
+    name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_retry_if_retryable
+)
 def reproduce_stage(stage: str, workspace: str) -> str:
     """`dvc repro --single-item <stage>`, its output streamed to the run's logs.
 
@@ -340,7 +347,9 @@ def main(args) -> int:
     startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
-            results = dmd_pipeline(params_file=args.params, overrides=args.overrides or None, target=args.target)
+            results = dmd_pipeline(
+                params_file=args.params, overrides=args.overrides or None, target=args.target
+            )
     except (WorkspaceBusyError, StageFailedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from dmd.config import load
 from dmd.generate import missing_shards, prepare
@@ -85,6 +87,9 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
 
     params = load(tiny_params_file, OVERRIDES)
     assert missing_shards(prepare(params)) == [0, 1, 2, 3, 4]
+    # one accelerator: both runs' shards take turns on the global concurrency limit `gpu`
+    with _client(prefect_server) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
     serve = (
         "import sys; from prefect import serve; from flows.generate import backfill_deployment; "
         "serve(backfill_deployment(sys.argv[1], sys.argv[2:]))"
@@ -92,7 +97,12 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
     runner = subprocess.Popen(
         [sys.executable, "-c", serve, str(tiny_params_file.resolve()), *OVERRIDES],
         cwd=REPO,
-        env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "OMP_NUM_THREADS": "1"},
+        env={
+            **os.environ,
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",  # the runs' info logs reach the server
+            "OMP_NUM_THREADS": "1",
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -100,6 +110,16 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
         runs = _wait(prefect_server, deployment.id, 2, runner)
         assert sorted(r.state_name for r in runs) == ["Completed", "Completed"]
         assert missing_shards(prepare(params)) == [4]
+        with _client(prefect_server) as client:
+            assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0  # released
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])))
+            used = {
+                log.flow_run_id
+                for log in logs
+                if "holds a slot of the global concurrency limit" in log.message
+            }
+            assert used == {r.id for r in runs}
+            client.delete_global_concurrency_limit_by_name("gpu")
 
         # a run as the schedule makes it: the deployment's parameters, i.e. the next missing shard(s)
         with _client(prefect_server) as client:

@@ -57,7 +57,9 @@ def test_dask_runner_makes_the_same_files(tmp_path, tiny_wan_dir, prefect_server
     for runner in ("thread", "dask"):
         ws = _workspace(tmp_path / runner, tiny_wan_dir, runner)
         for command in ("generate", "cache"):
-            result = subprocess.run([str(BIN / "dmd"), command], cwd=ws, env=env, capture_output=True, text=True)
+            result = subprocess.run(
+                [str(BIN / "dmd"), command], cwd=ws, env=env, capture_output=True, text=True
+            )
             assert result.returncode == 0, f"{runner} {command}:\n{result.stdout}\n{result.stderr}"
         outputs[runner] = (_teacher_data(ws / "data" / "teacher"), _cached(ws / "cache"))
     (manifest, tensors, videos), cached = outputs["thread"]

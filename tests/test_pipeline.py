@@ -304,7 +304,9 @@ def test_concurrent_repro_fails_fast_and_the_first_is_unaffected(api, toy):
             dmd_pipeline(params_file=str(toy / "params.yaml"))
         assert time.monotonic() - start < 30
         message = str(err.value)
-        assert f"PID {first.pid} (" in message and "dvc repro) writes student.txt; reads cached.txt" in message
+        assert (
+            f"PID {first.pid} (" in message and "dvc repro) writes student.txt; reads cached.txt" in message
+        )
         assert "Wait for that run to finish" in message and "rwlock" in message
     finally:
         (toy / "hold-train").unlink()
@@ -323,7 +325,14 @@ def test_dmd_pipeline_command_streams_stage_output(toy):
     assert "evaluate: ran" in result.stdout
 
     (toy / "fail-always-cache").touch()
-    cmd = [str(BIN / "dmd"), "pipeline", "--params", str(toy / "params.yaml"), "--set", "generate.num_videos=3"]
+    cmd = [
+        str(BIN / "dmd"),
+        "pipeline",
+        "--params",
+        str(toy / "params.yaml"),
+        "--set",
+        "generate.num_videos=3",
+    ]
     failed = run(cmd, toy, check=False)
     assert failed.returncode == 1 and "stage 'cache' failed" in failed.stderr
     assert "cache cannot work" in failed.stderr

@@ -31,7 +31,10 @@ def postgres_url():
         return
     root = Path(tempfile.mkdtemp(prefix="dmd-postgres-"))
     result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "ci-postgres.sh"), str(root)], capture_output=True, text=True, timeout=600
+        ["bash", str(REPO / "scripts" / "ci-postgres.sh"), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     url = result.stdout.strip().splitlines()[-1]
@@ -79,7 +82,9 @@ def postgres_prefect(postgres_url, tmp_path_factory):
                         break
                 except httpx.HTTPError:
                     pass
-                assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    home / "server.log"
+                ).read_text()
                 time.sleep(0.5)
             yield url
         finally:
@@ -102,10 +107,16 @@ def test_backfill_with_two_runners_on_postgres(tmp_path, tiny_wan_dir, postgres_
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     ws = make_tiny_workspace(tmp_path / "ws", tiny_wan_dir)
-    params = load(ws / "params.yaml", ["generate.backfill_interval_seconds=null"])  # runs come from the backfill
+    params = load(
+        ws / "params.yaml", ["generate.backfill_interval_seconds=null"]
+    )  # runs come from the backfill
     (ws / "params.yaml").write_text(dump(params))
     assert params.generate.num_shards == NUM_SHARDS
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": postgres_prefect}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": postgres_prefect,
+    }
     logs = [open(tmp_path / f"runner-{i}.log", "wb") for i in range(2)]
     runners = [
         subprocess.Popen([str(BIN / "dmd"), "serve"], cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT)
