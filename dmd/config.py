@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,8 +102,10 @@ class ToyTeacherConfig(Section):
     vae_object_weight: float = Field(
         4.0, ge=0, description="Extra reconstruction weight on object pixels (objects cover ~8% of a frame)."
     )
-    vae_kl_weight: float = Field(
-        1e-3, ge=0, description="Weight of the KL term next to the reconstruction MSE."
+    vae_latent_weight: float = Field(
+        1e-3,
+        ge=0,
+        description="Weight of an L2 penalty on the VAE's posterior means next to the reconstruction MSE.",
     )
     transformer_steps: int = Field(3000, ge=1)
     transformer_batch_size: int = Field(32, ge=1)
@@ -704,6 +707,33 @@ def validate(raw: dict, source: str = "params") -> Params:
         raise ConfigError(source, [_format_error(err, keys) for err in e.errors()]) from None
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes` stay
+    strings, as DVC (which writes params.yaml for `dvc exp run -S`) reads and writes them."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+Yaml12Loader.add_implicit_resolver(  # YAML 1.2 floats: 1e-5 is a number (1.1 wanted 1.0e-5)
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def read_raw(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -711,7 +741,7 @@ def read_raw(path: str | Path) -> dict:
             str(path), [f"file not found; create it or pass --params FILE (see {Path('params.yaml')})"]
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
     if not isinstance(raw, dict):
@@ -736,7 +766,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                 problems.append(f"--set {key}: '{p}' is not a section")
                 break
         else:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+            node[parts[-1]] = load_yaml(value) if value.strip() else None
     if problems:
         raise ConfigError("--set", problems)
     return raw

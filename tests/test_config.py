@@ -136,3 +136,16 @@ def test_import_cli_writes_params_that_validate(tmp_path):
     assert "backend[0] names no video source" in result.stderr
     check = dmd("config", "validate", str(out))
     assert check.returncode == 0, check.stderr
+
+
+def test_params_read_as_dvc_writes_them(tmp_path):
+    """DVC rewrites params.yaml as YAML 1.2 (`dvc exp run -S`): `no` is a string, `1e-5` a number."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    text = yaml.safe_dump(raw, allow_unicode=True).replace("mixed_precision: 'no'", "mixed_precision: no")
+    text = text.replace("learning_rate: 5.0e-05", "learning_rate: 5e-05")
+    assert "mixed_precision: no\n" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load(path)
+    assert params.train.mixed_precision == "no"
+    assert isinstance(params.train.learning_rate, float)
