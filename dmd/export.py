@@ -9,7 +9,7 @@
   samples like `dmd sample` (with `torch.manual_seed(seed)` and no generator, the pipeline draws the initial and
   the re-noising noise from one stream, as `dmd sample --seed` does);
 - `student.json`: steps, σs, time-block settings, teacher, whether the weights are the EMA's;
-- `README.md`: a model card with the training settings and, when `evaluate.metrics_path` exists, its figures.
+- `README.md`: a model card with the training settings (the evaluate stage adds the figures to its copy).
 
 Files are written one by one atomically, `student.json` last, so a directory with `student.json` is complete;
 the `validation/` folder that training writes there is left alone.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +172,16 @@ def export_student(
     return out
 
 
-def write_model_card(student_dir: str | Path, params: Params, card: dict | None = None) -> Path:
-    """README.md of the student: how to load it, its steps, the training settings, evaluation figures if any."""
+def write_model_card(
+    student_dir: str | Path,
+    params: Params,
+    card: dict | None = None,
+    metrics: dict | None = None,
+    path: str | Path | None = None,
+) -> Path:
+    """The student's model card: how to load it, its steps, the training settings, and the evaluation figures
+    when given. Training writes it as the student's README.md without figures (evaluation comes later in the
+    DAG); the evaluate stage writes the card with its figures into its own report folder."""
     student_dir = Path(student_dir)
     card = card or json.loads((student_dir / STUDENT_CARD).read_text())
     teacher = card["teacher"]
@@ -226,27 +234,27 @@ def write_model_card(student_dir: str | Path, params: Params, card: dict | None 
         {"train": params.train.model_dump(mode="json")}, sort_keys=False, allow_unicode=True
     )
     lines += ["## Training settings", "", "```yaml", settings.rstrip(), "```", ""]
-    metrics_path = Path(params.evaluate.metrics_path)
-    if metrics_path.is_file():
-        figures = _flatten(json.loads(metrics_path.read_text()))
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(metrics_path.stat().st_mtime))
+    if metrics:
+        lines += ["## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in _flatten(metrics).items()
+        ]
+        lines.append("")
+    else:
         lines += [
             "## Evaluation",
             "",
-            f"From `{metrics_path}` ({when}; the latest evaluation, which precedes this export when the student "
-            "has not been evaluated yet):",
+            f"`dmd evaluate` compares this student with its teacher and writes `{params.evaluate.metrics_path}`, "
+            f"`{params.evaluate.report_dir}/eval.md` and this card with the figures "
+            f"(`{params.evaluate.report_dir}/model_card.md`).",
             "",
-            "| metric | value |",
-            "|---|---|",
         ]
-        lines += [
-            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()
-        ]
-        lines.append("")
+    path = Path(path) if path is not None else student_dir / "README.md"
     grids = sorted((student_dir / "validation").glob("step-*/grid*.png"))
     if grids:
-        lines += ["## Validation", "", f"![validation]({grids[-1].relative_to(student_dir).as_posix()})", ""]
-    path = student_dir / "README.md"
+        link = Path(os.path.relpath(grids[-1].resolve(), path.parent.resolve())).as_posix()
+        lines += ["## Validation", "", f"![validation]({link})", ""]
     write_text(path, "\n".join(lines))
     return path
 

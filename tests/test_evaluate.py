@@ -307,6 +307,8 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
         metrics["teacher_full"]["dit_seconds_per_video"] / metrics["student"]["dit_seconds_per_video"]
     )
     assert metrics["setup"]["student_ema"] is True
+    card = (Path(cfg.report_dir) / "model_card.md").read_text()
+    assert f"| speedup_dit | {metrics['speedup_dit']:.4g} |" in card
 
     report_dir = Path(cfg.report_dir)
     text = (report_dir / "eval.md").read_text()

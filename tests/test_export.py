@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from dmd.config import load
-from dmd.export import export_student, fit_scheduler_config, load_student, read_card, scheduler_sigmas
+from dmd.export import (
+    export_student,
+    fit_scheduler_config,
+    load_student,
+    read_card,
+    scheduler_sigmas,
+    write_model_card,
+)
 from dmd.sample import generate_latents, latent_shape
 from dmd.wan import add_lora, encode_prompts, load_text_encoder, load_transformer, load_vae
 
@@ -110,9 +116,6 @@ def test_a_full_student_exports_as_a_diffusers_transformer(tiny_params_file, tmp
     transformer = load_transformer(params.model)
     with torch.no_grad():
         transformer.proj_out.bias.add_(1.0)
-    metrics = tmp_path / "eval.json"
-    metrics.write_text(json.dumps({"student": {"sharpness": 0.61, "accuracy": {"colour": 1.0}}}))
-    params.evaluate.metrics_path = str(metrics)
     out = export_student(transformer, params, tmp_path / "student", ema=False, step=3)
     plain = WanTransformer3DModel.from_pretrained(out, subfolder="transformer")
     ours, _ = load_student(out, params)
@@ -121,8 +124,11 @@ def test_a_full_student_exports_as_a_diffusers_transformer(tiny_params_file, tmp
     ):
         assert torch.equal(a, b) and torch.equal(a, c), name
     card = (out / "README.md").read_text()
-    assert "| student.sharpness | 0.61 |" in card and "| student.accuracy.colour | 1 |" in card
-    assert "model_type: full" in card
+    assert "model_type: full" in card and "| metric | value |" not in card  # figures come with evaluation
+    metrics = {"student": {"sharpness": 0.61, "accuracy": {"colour": 1.0}}}
+    with_figures = write_model_card(out, params, metrics=metrics, path=tmp_path / "reports" / "model_card.md")
+    text = with_figures.read_text()
+    assert "| student.sharpness | 0.61 |" in text and "| student.accuracy.colour | 1 |" in text
 
 
 def test_load_student_names_a_directory_that_is_not_one(tiny_params, tmp_path):

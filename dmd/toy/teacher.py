@@ -1,7 +1,7 @@
 """Training of the tiny Wan teacher on the toy world, saved as an ordinary diffusers Wan directory.
 
 Three parts, trained in order, all of diffusers' / transformers' own Wan classes:
-1. `AutoencoderKLWan` on reconstruction of short windows of world clips. The loss is taken on the decoder's
+1. `AutoencoderKLWan` on reconstruction of world clips (windows of `vae_num_frames`). The loss is taken on the decoder's
    unclamped output: `AutoencoderKLWan.decode` clamps to [-1, 1], which zeroes the gradient wherever the
    decoder undershoots, and a tiny VAE trained through it collapses to the background. Afterwards
    `latents_mean` / `latents_std` are set from the encoded training set, so the latents WanPipeline works in,
