@@ -90,11 +90,19 @@ class ToyTeacherConfig(Section):
     output_dir: str = "models/toy-teacher"
     seed: int = 0
     num_clips: int = Field(2048, ge=1, description="World clips drawn once from the training captions.")
-    vae_steps: int = Field(800, ge=1)
-    vae_batch_size: int = Field(4, ge=1)
+    vae_steps: int = Field(1000, ge=1, description="VAE steps on windows of vae_num_frames frames.")
+    vae_batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = Field(2e-3, gt=0)
+    vae_full_clip_steps: int = Field(
+        300,
+        ge=0,
+        description="Then VAE steps on whole clips at vae_full_clip_learning_rate: short windows get past the "
+        "background-only plateau fast, whole clips teach the causal encoder/decoder caches the full length.",
+    )
+    vae_full_clip_batch_size: int = Field(4, ge=1)
+    vae_full_clip_learning_rate: float = Field(5e-4, gt=0)
     vae_num_frames: int = Field(
-        21,
+        9,
         ge=1,
         description="Frames per VAE training window (4k+1); windows shorter than the clips leave the causal "
         "caches of later latent frames untrained.",

@@ -23,6 +23,8 @@ TINY_TEACHER = {
     "num_clips": 16,
     "vae_steps": 2,
     "vae_batch_size": 2,
+    "vae_full_clip_steps": 2,
+    "vae_full_clip_batch_size": 2,
     "vae_num_frames": 5,
     "transformer_steps": 3,
     "transformer_batch_size": 4,

@@ -76,21 +76,47 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 def train_vae(
     clips: np.ndarray, cfg: ToyTeacherConfig, generator: torch.Generator, progress: bool = True
 ) -> tuple[AutoencoderKLWan, dict]:
-    """Reconstruction + a light L2 on the latents, on random `vae_num_frames` windows; object pixels weigh more."""
+    """Two phases: `vae_steps` on random `vae_num_frames` windows, then `vae_full_clip_steps` on whole clips."""
     vae = build_vae(z_dim=cfg.z_dim, base_dim=cfg.vae_base_dim, seed=cfg.seed).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
+    stats = {}
+    phases = [
+        ("windows", cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, cfg.vae_num_frames),
+        ("whole clips", cfg.vae_full_clip_steps, cfg.vae_full_clip_batch_size, cfg.vae_full_clip_learning_rate,
+         clips.shape[1]),
+    ]  # fmt: skip
+    for name, steps, batch_size, lr, frames in phases:
+        if steps:
+            loss = _train_vae_phase(vae, clips, cfg, steps, batch_size, lr, frames, generator, name, progress)
+            stats[f"final_reconstruction_loss_{name.replace(' ', '_')}"] = loss
+    return vae.eval().requires_grad_(False), stats
+
+
+def _train_vae_phase(
+    vae: AutoencoderKLWan,
+    clips: np.ndarray,
+    cfg: ToyTeacherConfig,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    window: int,
+    generator: torch.Generator,
+    name: str,
+    progress: bool,
+) -> float:
+    """Reconstruction + a light L2 on the latents, on random `window`-frame windows; object pixels weigh more."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _cosine_lr(s, cfg.vae_steps, max(1, cfg.vae_steps // 20))
+        optimizer, lambda s: _cosine_lr(s, steps, max(1, steps // 20))
     )
     pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)  # uint8 (N,3,T,H,W), converted per batch
     background = torch.from_numpy(clips[0, 0, 0, 0].astype(np.int16)).view(1, 3, 1, 1, 1)
     num_frames = pixels.shape[2]
-    bar = tqdm(range(cfg.vae_steps), desc="toy teacher: VAE", disable=not progress)
+    bar = tqdm(range(steps), desc=f"toy teacher: VAE ({name})", disable=not progress)
     losses = []
     for _ in bar:
-        index = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=generator)
-        start = int(torch.randint(0, num_frames - cfg.vae_num_frames + 1, (1,), generator=generator))
-        batch = pixels[index, :, start : start + cfg.vae_num_frames]
+        index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
+        start = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
+        batch = pixels[index, :, start : start + window]
         is_object = (batch.to(torch.int16) - background).abs().sum(1, keepdim=True) > 0
         x = batch.float() / 127.5 - 1
         # the posterior mean, not a sample: with the initial unit posterior variance, sampling drowns the
@@ -107,7 +133,7 @@ def train_vae(
         scheduler.step()
         losses.append(reconstruction.item())
         bar.set_postfix(rec=f"{np.mean(losses[-20:]):.4f}", latent=f"{latent_penalty.item():.3f}")
-    return vae.eval().requires_grad_(False), {"final_reconstruction_loss": float(np.mean(losses[-50:]))}
+    return float(np.mean(losses[-50:]))
 
 
 @torch.no_grad()
