@@ -1,17 +1,26 @@
 """Tuning harness for the DMD method on the toy world: train students with `DMDMethod` directly, judge them.
 
-The teacher (model.pretrained_model_name_or_path, the shipped toy teacher by default) makes the training data the
-way the generate stage does (50 steps, CFG generate.guidance_scale, negative prompt), then every trial trains a
-3-step student from the same data and is judged on the held-out captions with the same initial noise as the
-teacher's references (50 steps with and without CFG, and the teacher's own scheduler at the student's step count).
+Every trial trains a 3-step student with the training run's own step (`dmd.train`'s optimizer groups,
+learning-rate schedule, per-step generator, update order, EMA) on in-memory data: the prompts of the toy world's
+training captions and, when a trial reads them (rollouts from data, the regression loss), the teacher's clips made
+as the generate stage makes them (50 steps, CFG generate.guidance_scale, negative prompt). Each student is judged
+on the held-out captions with the same initial noise as the teacher's references (the teacher's scheduler at 50
+steps and at the student's step count, with and without CFG); `gap closed` is the share of the few-step → 50-step
+teacher gap (both at evaluate.teacher_guidance) that the student closes, as the evaluate stage reports it.
 
-    .venv/bin/python benchmarks/dmd_toy.py --steps 1500 \
-        --trial default \
-        --trial "cfg1:train.distillation_config.real_score_guidance_scale=1"
+The final comparison (params.yaml as it is), one command:
 
-A trial is `name` or `name:key=value,key=value` with `--set`-style keys applied on top of params.yaml.
-Prints one table (judge scores per run, training time), writes benchmarks/results/dmd_toy.json and a PNG grid of
-middle frames per run.
+    .venv/bin/python benchmarks/dmd_toy.py
+
+A sweep: a trial is `name` or `name:key=value,key=value` with `--set`-style keys applied on top of params.yaml
+(`train.max_train_steps` per trial, or `--steps` for all):
+
+    .venv/bin/python benchmarks/dmd_toy.py --seeds 2 --steps 300 --trial default \
+        --trial "cfg1:train.distillation_config.real_score_guidance_scale=1" \
+        --trial "lora:train.model_type=lora,train.learning_rate=5e-5"
+
+Prints one table (judge scores per run, NFE, gap closed, training seconds), writes benchmarks/results/dmd_toy.json
+(after every run) and a PNG grid of middle frames (rows: held-out captions, first seed; columns: runs).
 """
 
 from __future__ import annotations
@@ -172,7 +181,9 @@ def main() -> int:
         type=int,
         help="teacher clips to train on, one per training caption in turn (default: generate.num_videos)",
     )
-    parser.add_argument("--seeds", type=int, default=8, help="evaluation seeds per held-out caption")
+    parser.add_argument(
+        "--seeds", type=int, help="evaluation seeds per held-out caption (default: evaluate.num_seeds)"
+    )
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -183,6 +194,7 @@ def main() -> int:
     world = ToyWorld(base.toy)
     teacher = Teacher(base)
     few = len(base.train.distillation_config.dmd_denoising_steps)
+    args.seeds = args.seeds or base.evaluate.num_seeds
 
     # training data as the generate stage makes it; the teacher's clips only when a trial reads them (rollouts
     # from data, the regression loss): rollouts from noise use the prompts alone

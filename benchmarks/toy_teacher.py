@@ -153,7 +153,7 @@ def main() -> int:
         args.output,
         {
             "machine": machine,
-            "teacher": str(teacher),
+            "teacher": _shown(teacher),
             "captions": held_out,
             "seeds_per_caption": args.seeds,
             "guidance_scale": args.guidance,
@@ -178,3 +178,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _shown(path) -> str:
+    """A path as the results show it: relative to the repository when inside it (results are committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
