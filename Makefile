@@ -28,8 +28,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dmd pipeline
 
+# One thread per process: the suite runs servers and stage subprocesses side by side, and torch's default of one
+# thread per core oversubscribes the cores many times over.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
