@@ -571,12 +571,15 @@ def run_label(run: RunOutput) -> str:
 
 def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> Path:
     """metrics/eval.json and reports/eval.md (with its PNG grid and GIFs); returns the report's path."""
-    from dmd.export import write_model_card
+    from dmd.export import STUDENT_CARD, write_model_card
     from dmd.report import write_report
 
     ev = params.evaluate
     write_json(ev.metrics_path, metrics)
-    write_model_card(student_dir(params), params, metrics=metrics, path=Path(ev.report_dir) / "model_card.md")
+    if (student_dir(params) / STUDENT_CARD).is_file():  # an exported student: its card, with these figures
+        write_model_card(
+            student_dir(params), params, metrics=metrics, path=Path(ev.report_dir) / "model_card.md"
+        )
     first_seed = [i for i, it in enumerate(items) if it.seed == ev.seed]
     return write_report(
         Path(ev.report_dir),
