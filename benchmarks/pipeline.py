@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from dmd.config import dump, load  # noqa: E402
 from dmd.io import write_json  # noqa: E402
 from dmd.tiny import save_tiny_wan  # noqa: E402
+from flows.local_server import local_prefect_server  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOY_TEACHER = REPO / "models" / "toy-teacher"
@@ -54,34 +53,11 @@ def sh(cmd: list[str], cwd: Path) -> float:
 @contextmanager
 def prefect_server(home: Path):
     """A Prefect server on loopback for the whole benchmark; yields its API URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect")}
-    log = open(home / "prefect-server.log", "wb")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the Prefect server did not start; see {home / 'prefect-server.log'}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        with local_prefect_server(home / "prefect") as url:
+            yield url
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def workspace(root: Path, profile: str, teacher: Path) -> Path:

@@ -48,7 +48,9 @@ def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict,
             raw["model"][key] = value
         elif key in CACHE_KEYS:
             if key == "data_backend_config" and backend is not None:
-                notes.append(f"{key}: '{value}' replaced by the datasets of --backend, inlined under cache.datasets")
+                notes.append(
+                    f"{key}: '{value}' replaced by the datasets of --backend, inlined under cache.datasets"
+                )
                 continue
             raw["cache"][key] = value
         elif key == "distillation_config":
@@ -60,7 +62,9 @@ def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict,
             notes.append(f"{key}: not mapped (this project has no setting for it); value {value!r} dropped")
     for key in ("validation_prompt_library", "webhook_config"):
         if raw["train"].get(key):
-            notes.append(f"train.{key}: '{raw['train'][key]}' must exist (relative to params.yaml) when training runs")
+            notes.append(
+                f"train.{key}: '{raw['train'][key]}' must exist (relative to params.yaml) when training runs"
+            )
     if backend is not None:
         raw["cache"]["datasets"] = [_dataset(i, entry, notes) for i, entry in enumerate(backend)]
     return raw, notes
@@ -71,7 +75,9 @@ def _distillation(value: Any) -> tuple[dict, list[str]]:
         return value, ["distillation_config: expected an object; kept as is for validation to report"]
     known = set(DistillationConfig.model_fields)
     mapped = {k: v for k, v in value.items() if k in known}
-    notes = [f"distillation_config.{k}: not mapped (unknown DMD setting); dropped" for k in value if k not in known]
+    notes = [
+        f"distillation_config.{k}: not mapped (unknown DMD setting); dropped" for k in value if k not in known
+    ]
     return mapped, notes
 
 
@@ -159,4 +165,3 @@ def dump_raw(raw: dict) -> str:
     import yaml
 
     return yaml.safe_dump(raw, sort_keys=False, allow_unicode=True, width=100)
-

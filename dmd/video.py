@@ -93,7 +93,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 1
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             # one encoder thread: x264 output is then byte-identical run to run (threaded lookahead is not)
-            stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "threads=1:lookahead-threads=1"}
+            stream.options = {
+                "crf": str(crf),
+                "preset": "medium",
+                "x264-params": "threads=1:lookahead-threads=1",
+            }
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     out.mux(packet)

@@ -17,7 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def dmd(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -56,7 +60,10 @@ def test_every_seed_key_is_imported_and_typed():
 def test_every_params_key_has_a_consumer_in_code():
     """No key is accepted and ignored: each field name appears in the code outside dmd/config.py."""
     code = "\n".join(
-        p.read_text() for d in ("dmd", "tasks", "flows") for p in (REPO / d).rglob("*.py") if p.name != "config.py"
+        p.read_text()
+        for d in ("dmd", "tasks", "flows")
+        for p in (REPO / d).rglob("*.py")
+        if p.name != "config.py"
     )
     seed = json.loads((SEED / "config.json").read_text())
     keys = set(seed) - {"data_backend_config"} | set(seed["distillation_config"])
@@ -96,7 +103,9 @@ def test_bad_settings_name_the_key(override, expected):
 
 
 def test_overrides_are_typed():
-    params = load(REPO / "params.yaml", ["train.max_train_steps=7", "train.distillation_config.last_step_only=true"])
+    params = load(
+        REPO / "params.yaml", ["train.max_train_steps=7", "train.distillation_config.last_step_only=true"]
+    )
     assert params.train.max_train_steps == 7 and params.train.distillation_config.last_step_only is True
 
 

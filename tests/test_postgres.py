@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 from test_dvc import make_tiny_workspace
@@ -50,46 +48,13 @@ def postgres_url():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def postgres_prefect(postgres_url, tmp_path_factory):
+    from flows.local_server import local_prefect_server
+
     home = tmp_path_factory.mktemp("prefect-postgres")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-    }
-    with open(home / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert server.poll() is None and time.monotonic() < deadline, (
-                    home / "server.log"
-                ).read_text()
-                time.sleep(0.5)
-            yield url
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with local_prefect_server(home, {"PREFECT_API_DATABASE_CONNECTION_URL": postgres_url}) as url:
+        yield url
 
 
 def _backfill_runs(client, deployment_id):
