@@ -29,24 +29,11 @@ sys.path.insert(0, str(REPO))
 from dmd import cache as cache_lib  # noqa: E402
 from dmd.config import Params  # noqa: E402
 from dmd.io import write_json  # noqa: E402
+from dmd.synthetic import synthetic_clip  # noqa: E402
 from dmd.tiny import save_tiny_wan  # noqa: E402
 from dmd.video import read_video, write_video  # noqa: E402
 
 TOY_TEACHER = REPO / "models" / "toy-teacher"
-
-
-def synthetic_clip(frames: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    color, background = rng.uniform(0.3, 1, 3), rng.uniform(0, 0.5, 3)
-    cy, cx = rng.uniform(0.3, 0.7, 2)
-    vy, vx = rng.uniform(-0.015, 0.015, 2)
-    clip = [
-        background * (1 - yy[..., None])
-        + np.exp(-((yy - cy - vy * t) ** 2 + (xx - cx - vx * t) ** 2) / 0.02)[..., None] * color
-        for t in range(frames)
-    ]
-    return (np.clip(np.stack(clip), 0, 1) * 255).round().astype(np.uint8)
 
 
 class CpuMeter:
@@ -132,7 +119,7 @@ def main() -> None:
         videos = tmp / "videos"
         videos.mkdir()
         for i in range(args.clips):
-            write_video(videos / f"clip{i:03d}.mp4", synthetic_clip(21, args.size, i))
+            write_video(videos / f"clip{i:03d}.mp4", synthetic_clip(21, args.size, args.size, i))
             (videos / f"clip{i:03d}.txt").write_text(
                 f"a red ball moving {['left', 'right', 'up', 'down'][i % 4]}"
             )

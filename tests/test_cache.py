@@ -16,26 +16,12 @@ from safetensors.torch import save_file
 
 from dmd import cache as cache_lib
 from dmd.config import Params
+from dmd.synthetic import synthetic_clip
 from dmd.video import read_video, write_video
 
 LATENTS_MEAN = [0.3, -0.2, 0.1, 0.5]
 LATENTS_STD = [0.5, 2.0, 1.5, 0.8]
 MAX_LEN = 16
-
-
-def synthetic_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """A coloured blob drifting over a gradient: smooth content a small VAE can represent."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    color, background = rng.uniform(0.3, 1, 3), rng.uniform(0, 0.5, 3)
-    cy, cx = rng.uniform(0.3, 0.7, 2)
-    vy, vx = rng.uniform(-0.015, 0.015, 2)
-    clip = [
-        background * (1 - yy[..., None])
-        + np.exp(-((yy - cy - vy * t) ** 2 + (xx - cx - vx * t) ** 2) / 0.02)[..., None] * color
-        for t in range(frames)
-    ]
-    return (np.clip(np.stack(clip), 0, 1) * 255).round().astype(np.uint8)
 
 
 def add_clip(folder: Path, name: str, caption: str | None, frames=21, height=32, width=32, seed=0) -> Path:
