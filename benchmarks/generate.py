@@ -1,14 +1,18 @@
 """Teacher data generation: videos/s, and the wall time of the generate-teacher-data flow over the teacher's pure
 sampling time (target: orchestration and I/O overhead at most 10%).
 
-    .venv/bin/python benchmarks/generate.py [--shards 2] [--rounds 2] [--params params.yaml]
+    .venv/bin/python benchmarks/generate.py [--shards N] [--rounds 2] [--params params.yaml]
 
-Side by side in one process, on the same videos (same prompts, noise, batches, steps and guidance, from params):
-  teacher     WanPipeline called directly, denoising and VAE decode to frames, nothing written: pure sampling
-  flow, N     the generate-teacher-data flow with N workers (thread runner): Prefect tasks, mp4 + latents + noise
-              files, shard and top-level manifests
-Rounds of teacher, flow 2, flow 1, interleaved; each kind keeps its best time, since the machine may be shared.
-One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
+Side by side in one process, on the same videos (same prompts, noise, batches, steps and guidance, from params;
+by default the whole target of params, i.e. what the generate stage of the default pipeline makes):
+  teacher        WanPipeline called directly, denoising and VAE decode to frames, nothing written: pure sampling
+  flow, N        the generate-teacher-data flow with N workers (thread runner): Prefect flow and task runs,
+                 mp4 + latents + noise files, shard and top-level manifests
+  flow, no work  the same flow over shards that are already complete: what a flow run costs whatever its size
+                 (Prefect's flow-run start and finish, the plan, status checks, the manifest)
+  files          the files of one video written alone (mp4 encode, latents, noise, sha256), per video
+Rounds of teacher, flow 2, flow 1, no-work flow, interleaved; each kind keeps its best time, since the machine
+may be shared. One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
 reported apart: they do not grow with the data set.
 
 Uses the shipped toy teacher (models/toy-teacher) when it exists, else a random-weight Wan of the toy teacher's
@@ -95,6 +99,23 @@ def teacher_pass(sampler, plan, shards: range) -> float:
     return time.perf_counter() - start
 
 
+def files_per_video(sampler, plan, directory: Path, repeats: int = 3) -> float:
+    """Seconds to write one video's files (mp4, latents, noise, sha256) as a shard does, best of `repeats`."""
+    from dmd.generate import _write_sample
+
+    samples = plan.samples(0)
+    out = sampler.sample(samples, plan.params)
+    fingerprint = plan.fingerprint(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for k, sample in enumerate(samples):
+            _write_sample(directory, sample, out, k, plan, fingerprint)
+        best = min(best, (time.perf_counter() - start) / len(samples))
+    return best
+
+
 def flow_pass(params, workdir: Path, name: str, shards: range, workers: int) -> tuple[float, dict]:
     from dmd.config import dump, load
     from flows.generate import generate_teacher_data
@@ -112,7 +133,9 @@ def flow_pass(params, workdir: Path, name: str, shards: range, workers: int) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=int, default=2, help="shards per measured run (default 2)")
+    parser.add_argument(
+        "--shards", type=int, default=None, help="shards per measured run (default: the target of params)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     args = parser.parse_args()
@@ -135,12 +158,13 @@ def main() -> int:
         teacher = random_toy_teacher(params, workdir)
         teacher_note = "random weights, toy-teacher architecture (models/toy-teacher not found)"
     cfg = params.generate
+    args.shards = args.shards or cfg.num_shards
     shards = range(args.shards)
     params = load(
         args.params,
         [
             f"model.pretrained_model_name_or_path={teacher}",
-            f"generate.num_videos={args.shards * cfg.shard_size}",
+            f"generate.num_videos={min(cfg.num_videos, args.shards * cfg.shard_size)}",
             f"generate.output_dir={workdir / 'plan'}",
         ],
     )
@@ -153,15 +177,19 @@ def main() -> int:
     # warm-up: starts the Prefect server, loads the flow's shared teacher, runs one shard end to end
     warmup_seconds, _ = flow_pass(params, workdir, "warmup", range(1), workers=2)
 
-    runs = {"teacher": [], "flow, 2 workers (default)": [], "flow, 1 worker": []}
+    runs = {"teacher": [], "flow, 2 workers (default)": [], "flow, 1 worker": [], "flow, no work": []}
     for r in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every kind of run
         runs["teacher"].append(teacher_pass(sampler, plan, shards))
         for workers, name in ((2, "flow, 2 workers (default)"), (1, "flow, 1 worker")):
             seconds, result = flow_pass(params, workdir, f"round{r}-{workers}", shards, workers)
             assert result["videos"] == videos, result
             runs[name].append(seconds)
+        seconds, result = flow_pass(params, workdir, f"round{r}-1", shards, 1)  # complete: nothing to sample
+        assert result["videos"] == 0, result
+        runs["flow, no work"].append(seconds)
     best = {name: min(times) for name, times in runs.items()}
     teacher_seconds = best["teacher"]
+    file_seconds = files_per_video(sampler, plan, workdir / "files")
 
     machine = {
         "platform": platform.platform(),
@@ -180,16 +208,24 @@ def main() -> int:
     print(f"{'run':<28}{'best s':>9}{'all s':>18}{'videos/s':>10}{'÷ teacher':>11}")
     for name, times in runs.items():
         listed = " ".join(f"{t:.1f}" for t in times)
-        print(
-            f"{name:<28}{best[name]:>9.2f}{listed:>18}{videos / best[name]:>10.3f}"
-            f"{best[name] / teacher_seconds:>11.3f}"
-        )
+        rate = f"{videos / best[name]:>10.3f}" if name != "flow, no work" else f"{'-':>10}"
+        print(f"{name:<28}{best[name]:>9.2f}{listed:>18}{rate}{best[name] / teacher_seconds:>11.3f}")
     print(
         f"one-time: teacher load {load_seconds:.2f} s; warm-up (Prefect server start + first shard) "
         f"{warmup_seconds:.2f} s"
     )
     overhead = best["flow, 2 workers (default)"] / teacher_seconds - 1
+    per_run = best["flow, no work"]
+    per_video = (best["flow, 2 workers (default)"] - per_run - teacher_seconds) / videos
+    print(
+        f"teacher: {teacher_seconds / videos * 1000:.0f} ms per video; files alone: {file_seconds * 1000:.1f} ms per "
+        f"video; a flow run with no work: {per_run:.2f} s"
+    )
     print(f"overhead of the default flow over pure sampling: {overhead:+.1%} (target ≤ +10%)")
+    print(
+        f"  of which per flow run: {per_run / teacher_seconds:+.1%} ({per_run:.2f} s, whatever the size); "
+        f"per video: {per_video * videos / teacher_seconds:+.1%} ({per_video * 1000:+.1f} ms)"
+    )
 
     write_json(
         RESULTS,
@@ -213,6 +249,10 @@ def main() -> int:
             "videos_per_second": {name: videos / s for name, s in best.items()},
             "ratio_to_teacher": {name: s / teacher_seconds for name, s in best.items()},
             "overhead_default_flow": overhead,
+            "overhead_per_flow_run_seconds": per_run,
+            "overhead_per_video_seconds": per_video,
+            "files_seconds_per_video": file_seconds,
+            "teacher_seconds_per_video": teacher_seconds / videos,
             "one_time_seconds": {"teacher_load": load_seconds, "warmup_flow": warmup_seconds},
         },
     )

@@ -32,6 +32,12 @@ GRID_FRAMES = (0, 5, 10, 15, 20)
 SUMMARY_KEYS = ("sharpness", "purity", "edge", "motion_consistency", "fd", "diversity")
 
 
+def _shown(path) -> str:
+    """A path as the results show it: relative to the repository when inside it (results are committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def summarise(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "clips"}
 
@@ -178,9 +184,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _shown(path) -> str:
-    """A path as the results show it: relative to the repository when inside it (results are committed)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)

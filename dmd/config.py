@@ -90,7 +90,7 @@ class ToyTeacherConfig(Section):
     output_dir: str = "models/toy-teacher"
     seed: int = 0
     num_clips: int = Field(2048, ge=1, description="World clips drawn once from the training captions.")
-    vae_steps: int = Field(1000, ge=1, description="VAE steps on windows of vae_num_frames frames.")
+    vae_steps: int = Field(1000, ge=0, description="VAE steps on windows of vae_num_frames frames.")
     vae_batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = Field(2e-3, gt=0)
     vae_full_clip_steps: int = Field(

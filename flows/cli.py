@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--backend", help="its multidatabackend.json")
     imp.add_argument("-o", "--output", help="write here (default: print to stdout)")
 
-    _settings(sub.add_parser("toy-teacher", help="train the toy world's tiny Wan teacher"))
+    t = _settings(sub.add_parser("toy-teacher", help="train the toy world's tiny Wan teacher"))
+    t.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device to train on (default: cpu). Data order and noise are the same on every device; the "
+        "weights differ by rounding, and the shipped teacher and its dvc.lock entry were trained on the CPU",
+    )
     g = _settings(sub.add_parser("generate", help="generate teacher videos, sharded and resumable"))
     g.add_argument("--shards", help="A:B, the shard range to generate (default: all missing)")
     b = _settings(

@@ -17,9 +17,11 @@ EPHEMERAL_STARTUP_SECONDS = 180
 
 
 @flow(name="toy-teacher")
-def toy_teacher(params_file: str = "params.yaml", overrides: list[str] | None = None) -> str:
+def toy_teacher(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, device: str = "cpu"
+) -> str:
     params = load(params_file, overrides)
-    output = train_teacher(params)
+    output = train_teacher(params, device=device)
     write_text(Path(output) / "params.effective.yaml", dump(params))
     return str(output)
 
@@ -33,7 +35,7 @@ def main(args) -> int:
     startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
-            output = toy_teacher(args.params, args.overrides)
+            output = toy_teacher(args.params, args.overrides, args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -74,10 +74,14 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 def train_vae(
-    clips: np.ndarray, cfg: ToyTeacherConfig, generator: torch.Generator, progress: bool = True
+    clips: np.ndarray,
+    cfg: ToyTeacherConfig,
+    generator: torch.Generator,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[AutoencoderKLWan, dict]:
     """Two phases: `vae_steps` on random `vae_num_frames` windows, then `vae_full_clip_steps` on whole clips."""
-    vae = build_vae(z_dim=cfg.z_dim, base_dim=cfg.vae_base_dim, seed=cfg.seed).train()
+    vae = build_vae(z_dim=cfg.z_dim, base_dim=cfg.vae_base_dim, seed=cfg.seed).to(device).train()
     stats = {}
     phases = [
         ("windows", cfg.vae_steps, cfg.vae_batch_size, cfg.vae_learning_rate, cfg.vae_num_frames),
@@ -86,7 +90,9 @@ def train_vae(
     ]  # fmt: skip
     for name, steps, batch_size, lr, frames in phases:
         if steps:
-            loss = _train_vae_phase(vae, clips, cfg, steps, batch_size, lr, frames, generator, name, progress)
+            loss = _train_vae_phase(
+                vae, clips, cfg, steps, batch_size, lr, frames, generator, name, progress, device
+            )
             stats[f"final_reconstruction_loss_{name.replace(' ', '_')}"] = loss
     return vae.eval().requires_grad_(False), stats
 
@@ -102,6 +108,7 @@ def _train_vae_phase(
     generator: torch.Generator,
     name: str,
     progress: bool,
+    device: str | torch.device,
 ) -> float:
     """Reconstruction + a light L2 on the latents, on random `window`-frame windows; object pixels weigh more."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -109,14 +116,15 @@ def _train_vae_phase(
         optimizer, lambda s: _cosine_lr(s, steps, max(1, steps // 20))
     )
     pixels = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)  # uint8 (N,3,T,H,W), converted per batch
-    background = torch.from_numpy(clips[0, 0, 0, 0].astype(np.int16)).view(1, 3, 1, 1, 1)
+    background = torch.from_numpy(clips[0, 0, 0, 0].astype(np.int16)).view(1, 3, 1, 1, 1).to(device)
     num_frames = pixels.shape[2]
     bar = tqdm(range(steps), desc=f"toy teacher: VAE ({name})", disable=not progress)
     losses = []
     for _ in bar:
         index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
         start = int(torch.randint(0, num_frames - window + 1, (1,), generator=generator))
-        batch = pixels[index, :, start : start + window]
+        # batches are drawn on the CPU from the CPU generator: the same data order on every device
+        batch = pixels[index, :, start : start + window].to(device)
         is_object = (batch.to(torch.int16) - background).abs().sum(1, keepdim=True) > 0
         x = batch.float() / 127.5 - 1
         # the posterior mean, not a sample: with the initial unit posterior variance, sampling drowns the
@@ -138,10 +146,12 @@ def _train_vae_phase(
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKLWan, clips: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """Posterior means (N, z_dim, T', H', W') of whole clips, as WanPipeline's VAE sees them (unnormalised)."""
+    """Posterior means (N, z_dim, T', H', W') of whole clips on the CPU, as WanPipeline's VAE sees them
+    (unnormalised)."""
+    device = next(vae.parameters()).device
     return torch.cat(
         [
-            vae.encode(clips_to_pixels(clips[i : i + batch_size])).latent_dist.mode()
+            vae.encode(clips_to_pixels(clips[i : i + batch_size]).to(device)).latent_dist.mode().cpu()
             for i in range(0, len(clips), batch_size)
         ]
     )
@@ -158,7 +168,7 @@ def set_latent_statistics(vae: AutoencoderKLWan, latents_NCTHW: torch.Tensor) ->
 @torch.no_grad()
 def reconstruction_error(vae: AutoencoderKLWan, clips: np.ndarray) -> float:
     """Mean absolute error in 0–255 pixel units of clamped encode→decode round trips, as the pipeline decodes."""
-    x = clips_to_pixels(clips)
+    x = clips_to_pixels(clips).to(next(vae.parameters()).device)
     decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
     return float(((decoded - x).abs() * 127.5).mean())
 
@@ -172,17 +182,22 @@ def train_transformer(
     shift: float,
     generator: torch.Generator,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[WanTransformer3DModel, dict]:
     """Flow matching: x_σ = (1−σ)x0 + σε, target ε − x0, timestep 1000σ, σ = shift(u, shift) with u ~ U(0,1)."""
-    transformer = build_transformer(
-        in_channels=latents_NCTHW.shape[1],
-        text_dim=prompt_embeds_KLD.shape[-1],
-        num_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        attention_head_dim=cfg.attention_head_dim,
-        ffn_dim=cfg.ffn_dim,
-        seed=cfg.seed,
-    ).train()
+    transformer = (
+        build_transformer(
+            in_channels=latents_NCTHW.shape[1],
+            text_dim=prompt_embeds_KLD.shape[-1],
+            num_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            attention_head_dim=cfg.attention_head_dim,
+            ffn_dim=cfg.ffn_dim,
+            seed=cfg.seed,
+        )
+        .to(device)
+        .train()
+    )
     optimizer = torch.optim.AdamW(
         transformer.parameters(), lr=cfg.transformer_learning_rate, weight_decay=0.01
     )
@@ -200,6 +215,7 @@ def train_transformer(
         embeds = torch.where(dropped.view(-1, 1, 1), empty_embeds_LD.expand_as(embeds), embeds)
         noise = torch.randn(x0.shape, generator=generator)
         sigma = shift_sigma(torch.rand(len(index), generator=generator), shift)
+        x0, embeds, noise, sigma = (t.to(device) for t in (x0, embeds, noise, sigma))
         velocity = transformer(
             hidden_states=add_noise(x0, noise, sigma),
             timestep=sigma_to_timestep(sigma),
@@ -220,13 +236,16 @@ def train_transformer(
     with torch.no_grad():
         for average, p in zip(ema, transformer.parameters()):
             p.copy_(average)
-    return transformer.eval().requires_grad_(False), {
+    return transformer.cpu().eval().requires_grad_(False), {
         "final_flow_matching_loss": float(np.mean(losses[-200:]))
     }
 
 
-def train_teacher(params: Params, *, progress: bool = True) -> Path:
-    """Train VAE, text encoder and transformer on the toy world; save a WanPipeline dir at toy_teacher.output_dir."""
+def train_teacher(params: Params, *, progress: bool = True, device: str | torch.device = "cpu") -> Path:
+    """Train VAE, text encoder and transformer on the toy world; save a WanPipeline dir at toy_teacher.output_dir.
+
+    Data order and noise come from one seeded CPU generator, so a run on `device` sees the same batches as a
+    run on the CPU (the weights differ only by floating-point rounding)."""
     cfg = params.toy_teacher
     world = ToyWorld(params.toy)
     if cfg.vae_num_frames > params.toy.num_frames:
@@ -241,11 +260,12 @@ def train_teacher(params: Params, *, progress: bool = True) -> Path:
     clips, captions = world.sample_dataset(cfg.num_clips, cfg.seed)
     log.info("toy teacher: %d clips of %d training captions", len(clips), len(world.captions("train")))
 
-    vae, vae_stats = train_vae(clips, cfg, generator, progress)
+    vae, vae_stats = train_vae(clips, cfg, generator, progress, device)
     timings["vae_seconds"] = time.perf_counter() - started
     vae_stats["reconstruction_mae_255"] = reconstruction_error(vae, clips[:64])
     log.info("toy teacher: VAE round trip off by %.2f / 255 per pixel", vae_stats["reconstruction_mae_255"])
     latents = set_latent_statistics(vae, encode_latents(vae, clips))
+    vae.cpu()
     timings["encode_seconds"] = time.perf_counter() - started - timings["vae_seconds"]
 
     tokenizer = build_tokenizer(world.vocabulary())
@@ -264,6 +284,7 @@ def train_teacher(params: Params, *, progress: bool = True) -> Path:
         params.model.flow_schedule_shift,
         generator,
         progress,
+        device,
     )
     timings["transformer_seconds"] = time.perf_counter() - phase
 
@@ -297,6 +318,7 @@ def train_teacher(params: Params, *, progress: bool = True) -> Path:
                 "platform": platform.platform(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
+                "device": str(device),
             },
         },
     )
