@@ -90,7 +90,7 @@ class ToyTeacherConfig(Section):
     output_dir: str = "models/toy-teacher"
     seed: int = 0
     num_clips: int = Field(2048, ge=1, description="World clips drawn once from the training captions.")
-    vae_steps: int = Field(1000, ge=0, description="VAE steps on windows of vae_num_frames frames.")
+    vae_steps: int = Field(3000, ge=0, description="VAE steps on windows of vae_num_frames frames.")
     vae_batch_size: int = Field(8, ge=1)
     vae_learning_rate: float = Field(2e-3, gt=0)
     vae_full_clip_steps: int = Field(
@@ -115,7 +115,7 @@ class ToyTeacherConfig(Section):
         ge=0,
         description="Weight of an L2 penalty on the VAE's posterior means next to the reconstruction MSE.",
     )
-    transformer_steps: int = Field(3000, ge=1)
+    transformer_steps: int = Field(6000, ge=1)
     transformer_batch_size: int = Field(32, ge=1)
     transformer_learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(
@@ -124,8 +124,8 @@ class ToyTeacherConfig(Section):
     caption_dropout_probability: float = Field(0.1, ge=0, lt=1)
     num_layers: int = Field(4, ge=1)
     num_attention_heads: int = Field(4, ge=1)
-    attention_head_dim: int = Field(16, ge=1)
-    ffn_dim: int = Field(128, ge=1)
+    attention_head_dim: int = Field(32, ge=1)
+    ffn_dim: int = Field(256, ge=1)
     z_dim: int = Field(16, ge=1, description="VAE latent channels (the transformer's in/out channels).")
     vae_base_dim: int = Field(16, ge=1)
     text_dim: int = Field(32, ge=4, description="Width of the tiny UMT5 text encoder.")
