@@ -5,12 +5,15 @@ sampling time (target: orchestration and I/O overhead at most 10%).
 
 Side by side in one process, on the same videos (same prompts, noise, batches, steps and guidance, from params;
 by default the whole target of params, i.e. what the generate stage of the default pipeline makes):
-  teacher        WanPipeline called directly, denoising and VAE decode to frames, nothing written: pure sampling
+  teacher        the flow's own teacher sampler (WanPipeline: initial noise, denoising, VAE decode to frames) called
+                 batch by batch, nothing written: pure sampling
   flow, N        the generate-teacher-data flow with N workers (thread runner): Prefect flow and task runs,
                  mp4 + latents + noise files, shard and top-level manifests
   flow, no work  the same flow over shards that are already complete: what a flow run costs whatever its size
                  (Prefect's flow-run start and finish, the plan, status checks, the manifest)
   files          the files of one video written alone (mp4 encode, latents, noise, sha256), per video
+  plain script   the teacher's WanPipeline called on the main thread of a process of its own, as a plain script
+                 would (see TeacherSampler in dmd/generate.py for why the flow samples on one dedicated thread)
 Rounds of teacher, flow 2, flow 1, no-work flow, interleaved; each kind keeps its best time, since the machine
 may be shared. One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
 reported apart: they do not grow with the data set.
@@ -23,8 +26,10 @@ benchmarks/results/generate.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -74,29 +79,73 @@ def random_toy_teacher(params, directory: Path) -> Path:
 
 
 def teacher_pass(sampler, plan, shards: range) -> float:
-    """Seconds for the teacher alone to draw the videos of `shards` as the flow batches them."""
-    from dmd.generate import initial_noise
-
+    """Seconds for the teacher alone to draw the videos of `shards` as the flow batches them: the shared sampler
+    the flow uses (same thread, same pipeline call, same decode), nothing written."""
     cfg = plan.params.generate
-    shape = sampler.latent_shape(cfg.height, cfg.width, cfg.num_frames)
     start = time.perf_counter()
     for shard in shards:
         samples = plan.samples(shard)
         for i in range(0, len(samples), cfg.batch_size):
-            batch = samples[i : i + cfg.batch_size]
-            sampler.pipe(
-                prompt=[s.prompt for s in batch],
-                negative_prompt=[plan.params.negative_prompt] * len(batch),
-                height=cfg.height,
-                width=cfg.width,
-                num_frames=cfg.num_frames,
-                num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
-                latents=torch.stack([initial_noise(s.seed, shape) for s in batch]),
-                output_type="np",
-                max_sequence_length=plan.params.model.max_sequence_length,
-            )
+            sampler.sample(samples[i : i + cfg.batch_size], plan.params)
     return time.perf_counter() - start
+
+
+def plain_script_seconds(params_file: Path, rounds: int) -> list[float]:
+    """`plain_script` timings from a fresh process, run after the others so that nothing overlaps them."""
+    command = [
+        sys.executable,
+        __file__,
+        "--plain-script",
+        "--params",
+        str(params_file),
+        "--rounds",
+        str(rounds),
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plain_script(params_file: str, rounds: int) -> int:
+    """Print the seconds of `rounds` passes of WanPipeline on this process's main thread over the plan's videos,
+    as the flow batches them (output_type="np": denoising and VAE decode)."""
+    from diffusers import WanPipeline
+
+    from dmd.config import load
+    from dmd.generate import initial_noise, prepare
+
+    params = load(params_file)
+    plan = prepare(params)
+    cfg = params.generate
+    pipe = WanPipeline.from_pretrained(params.model.pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    shape = (
+        pipe.transformer.config.in_channels,
+        (cfg.num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        cfg.height // pipe.vae_scale_factor_spatial,
+        cfg.width // pipe.vae_scale_factor_spatial,
+    )
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for shard in range(plan.num_shards):
+            samples = plan.samples(shard)
+            for i in range(0, len(samples), cfg.batch_size):
+                batch = samples[i : i + cfg.batch_size]
+                pipe(
+                    prompt=[s.prompt for s in batch],
+                    negative_prompt=[params.negative_prompt] * len(batch),
+                    height=cfg.height,
+                    width=cfg.width,
+                    num_frames=cfg.num_frames,
+                    num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale,
+                    latents=torch.stack([initial_noise(s.seed, shape) for s in batch]),
+                    output_type="np",
+                    max_sequence_length=params.model.max_sequence_length,
+                )
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps(seconds))
+    return 0
 
 
 def files_per_video(sampler, plan, directory: Path, repeats: int = 3) -> float:
@@ -138,7 +187,10 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--plain-script", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_script:
+        return plain_script(args.params, args.rounds)
 
     workdir = Path(tempfile.mkdtemp(prefix="dmd-bench-generate-"))
     if "PREFECT_API_URL" not in os.environ:  # a throwaway temporary server, not the user's Prefect home
@@ -147,7 +199,7 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    from dmd.config import load
+    from dmd.config import dump, load
     from dmd.generate import TeacherSampler, prepare
     from dmd.io import write_json
 
@@ -172,7 +224,7 @@ def main() -> int:
     videos = sum(len(plan.samples(k)) for k in shards)
 
     start = time.perf_counter()
-    sampler = TeacherSampler(params)
+    sampler = TeacherSampler.shared(params)  # the instance the flows below use
     load_seconds = time.perf_counter() - start
     # warm-up: starts the Prefect server, loads the flow's shared teacher, runs one shard end to end
     warmup_seconds, _ = flow_pass(params, workdir, "warmup", range(1), workers=2)
@@ -190,6 +242,9 @@ def main() -> int:
     best = {name: min(times) for name, times in runs.items()}
     teacher_seconds = best["teacher"]
     file_seconds = files_per_video(sampler, plan, workdir / "files")
+    plan_file = workdir / "plan.yaml"
+    plan_file.write_text(dump(params))
+    main_thread_seconds = plain_script_seconds(plan_file, args.rounds)
 
     machine = {
         "platform": platform.platform(),
@@ -226,6 +281,11 @@ def main() -> int:
         f"  of which per flow run: {per_run / teacher_seconds:+.1%} ({per_run:.2f} s, whatever the size); "
         f"per video: {per_video * videos / teacher_seconds:+.1%} ({per_video * 1000:+.1f} ms)"
     )
+    plain = min(main_thread_seconds)
+    print(
+        f"a plain script (WanPipeline on its main thread, own process): {plain:.2f} s; the default flow over it: "
+        f"{best['flow, 2 workers (default)'] / plain - 1:+.1%}"
+    )
 
     write_json(
         RESULTS,
@@ -250,6 +310,8 @@ def main() -> int:
             "ratio_to_teacher": {name: s / teacher_seconds for name, s in best.items()},
             "overhead_default_flow": overhead,
             "overhead_per_flow_run_seconds": per_run,
+            "teacher_main_thread_seconds": main_thread_seconds,
+            "overhead_default_flow_over_main_thread": best["flow, 2 workers (default)"] / plain - 1,
             "overhead_per_video_seconds": per_video,
             "files_seconds_per_video": file_seconds,
             "teacher_seconds_per_video": teacher_seconds / videos,
