@@ -111,19 +111,14 @@ def plain_script(params_file: str, rounds: int) -> int:
     from diffusers import WanPipeline
 
     from dmd.config import load
-    from dmd.generate import initial_noise, prepare
+    from dmd.generate import initial_noise, latent_shape, prepare
 
     params = load(params_file)
     plan = prepare(params)
     cfg = params.generate
     pipe = WanPipeline.from_pretrained(params.model.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
-    shape = (
-        pipe.transformer.config.in_channels,
-        (cfg.num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
-        cfg.height // pipe.vae_scale_factor_spatial,
-        cfg.width // pipe.vae_scale_factor_spatial,
-    )
+    shape = latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)
     seconds = []
     for _ in range(rounds):
         start = time.perf_counter()

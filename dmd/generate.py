@@ -416,13 +416,7 @@ class TeacherSampler:
             return cls._shared[key]
 
     def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
-        pipe = self.pipe
-        return (
-            pipe.transformer.config.in_channels,
-            (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
-            height // pipe.vae_scale_factor_spatial,
-            width // pipe.vae_scale_factor_spatial,
-        )
+        return latent_shape(self.pipe, height, width, num_frames)
 
     def sample(self, samples: list[Sample], params: Params) -> SampledBatch:
         """Latents, initial noise and uint8 frames of `samples`, made on the sampler's thread."""
@@ -448,6 +442,16 @@ class TeacherSampler:
         )[0]
         frames = decode_latents(self.pipe, latents)  # the whole batch at once, as WanPipeline decodes
         return SampledBatch(latents.float().cpu(), noise, frames, time.perf_counter() - start)
+
+
+def latent_shape(pipe, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of one sample's latents in a Wan pipeline, as WanPipeline.prepare_latents makes them."""
+    return (
+        pipe.transformer.config.in_channels,
+        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
+        height // pipe.vae_scale_factor_spatial,
+        width // pipe.vae_scale_factor_spatial,
+    )
 
 
 @torch.no_grad()
