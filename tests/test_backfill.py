@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from dmd.config import load
 from dmd.generate import missing_shards, prepare
+from flows.local_server import stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 DMD = str(Path(sys.executable).parent / "dmd")
@@ -128,8 +129,4 @@ def test_backfill_creates_runs_once_and_a_runner_fills_the_shards(prefect_server
         assert sorted(r.state_name for r in runs) == ["Completed"] * 3
         assert missing_shards(prepare(params)) == []
     finally:
-        runner.terminate()
-        try:
-            runner.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            runner.kill()
+        stop_process(runner)
