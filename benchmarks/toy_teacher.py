@@ -1,5 +1,6 @@
 """The shipped toy teacher on held-out captions: 50 steps + CFG against 3 steps (same scheduler, same seeds),
-both judged against real clips of the toy world, which are the first row of the table.
+both judged against real clips of the toy world, which are the first row of the table; the second row is those
+real clips encoded and decoded by the teacher's VAE, the ceiling for what the teacher can draw.
 
     .venv/bin/python benchmarks/toy_teacher.py [--teacher models/toy-teacher] [--seeds 4] [--guidance 3]
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from dmd.config import load  # noqa: E402
 from dmd.io import atomic_path, write_json  # noqa: E402
 from dmd.toy.judge import judge_clips, reference_clips  # noqa: E402
-from dmd.toy.teacher import sample_clips  # noqa: E402
+from dmd.toy.teacher import sample_clips, vae_round_trip  # noqa: E402
 from dmd.toy.world import ToyWorld  # noqa: E402
 
 GRID_FRAMES = (0, 5, 10, 15, 20)
@@ -101,7 +102,12 @@ def main() -> int:
     reference = reference_clips(world, captions)
     rng = np.random.default_rng(0)
     real = np.stack([world.sample_clip(c, rng) for c in captions])
-    runs = {"real clips": (real, 0.0)}
+    start = time.perf_counter()
+    round_trip = vae_round_trip(pipe.vae, real)  # what the VAE alone keeps: the ceiling for the teacher
+    runs = {
+        "real clips": (real, 0.0),
+        "real clips through the VAE": (round_trip, time.perf_counter() - start),
+    }
     settings = [
         (f"teacher {args.steps} steps, CFG {args.guidance:g}", args.steps, args.guidance),
         (f"teacher {args.few_steps} steps, CFG {args.guidance:g}", args.few_steps, args.guidance),

@@ -108,7 +108,15 @@ class ToyTeacherConfig(Section):
         "caches of later latent frames untrained.",
     )
     vae_object_weight: float = Field(
-        4.0, ge=0, description="Extra reconstruction weight on object pixels (objects cover ~8% of a frame)."
+        4.0,
+        ge=0,
+        description="Extra reconstruction weight on object pixels and their margin (objects cover ~8% of a frame).",
+    )
+    vae_object_margin: int = Field(
+        2,
+        ge=0,
+        description="Background pixels within this distance of an object weigh like the object: the background "
+        "a shape leaves (a cross's empty corners) is what tells it from a blob.",
     )
     vae_latent_weight: float = Field(
         1e-3,
