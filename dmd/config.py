@@ -123,7 +123,7 @@ class ToyTeacherConfig(Section):
         ge=0,
         description="Weight of an L2 penalty on the VAE's posterior means next to the reconstruction MSE.",
     )
-    transformer_steps: int = Field(6000, ge=1)
+    transformer_steps: int = Field(10000, ge=1)
     transformer_batch_size: int = Field(32, ge=1)
     transformer_learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(
