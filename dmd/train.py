@@ -268,8 +268,10 @@ def _differences(a, b, prefix="") -> list[str]:
 def resume(params, checkpoints, student, critic, ema, loader, num_processes: int, main: bool) -> RunState:
     """Load the checkpoint `resume_from_checkpoint` names into every part, or start fresh.
 
-    `latest` resumes only a checkpoint of the same run (same settings except RESUMABLE_CHANGES); checkpoints of
-    another run are moved aside into `superseded-<time>/` so they neither get resumed nor rotate the new ones out.
+    `latest` resumes only a checkpoint of the same run (same settings except RESUMABLE_CHANGES, and the same
+    samples in the cache: `dvc repro` after a new teacher or new data rebuilds the cache under the same path);
+    checkpoints of another run are moved aside into `superseded-<time>/` so they neither get resumed nor rotate
+    the new ones out.
     """
     from dmd.checkpoint import restore_rng_state
 
@@ -281,6 +283,8 @@ def resume(params, checkpoints, student, critic, ema, loader, num_processes: int
     if path is not None:
         groups, state = checkpoints.load(path)
         changed = _differences(state["settings"], settings)
+        if state["loader"]["fingerprint"] != loader.fingerprint:
+            changed.append(f"the samples in {params.cache.output_dir} (the cache was rebuilt since)")
         if changed and cfg.resume_from_checkpoint == "latest":
             log.warning(
                 "%s was written with other settings (%s); starting a new run", path, "; ".join(changed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -122,3 +123,24 @@ def test_latest_does_not_resume_another_runs_checkpoint(world, tmp_path):
     assert [p.name for p in CheckpointManager(run / "checkpoints", 3).checkpoints()] == [
         "checkpoint-0000001", "checkpoint-0000002"
     ]  # fmt: skip
+
+
+def test_latest_does_not_resume_a_checkpoint_of_another_cache_at_the_same_path(world, tmp_path):
+    """A new teacher or new data rebuilds the cache in place (`dvc repro`): the checkpoints of the run on the old
+    samples are another run's, not a resume point."""
+    import shutil
+
+    import pandas as pd
+
+    run = tmp_path / "rebuilt"
+    base = copy.deepcopy(world)
+    base["cache"]["output_dir"] = str(run / "cache")
+    shutil.copytree(world["cache"]["output_dir"], run / "cache")
+    train(load(run_params(base, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
+    index = pd.read_parquet(run / "cache" / "index.parquet")
+    index.iloc[:-1].to_parquet(
+        run / "cache" / "index.parquet"
+    )  # one sample fewer: the same path, other samples
+    train(load(run_params(base, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
+    superseded = list((run / "checkpoints").glob("superseded-*/checkpoint-*"))
+    assert sorted(p.name for p in superseded) == ["checkpoint-0000001", "checkpoint-0000002"]
