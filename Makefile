@@ -12,7 +12,7 @@ export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test lint clean-outputs
+.PHONY: setup demo test lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
