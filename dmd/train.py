@@ -284,7 +284,7 @@ def resume(params, checkpoints, student, critic, ema, loader, num_processes: int
         groups, state = checkpoints.load(path)
         changed = _differences(state["settings"], settings)
         if state["loader"]["fingerprint"] != loader.fingerprint:
-            changed.append(f"the samples in {params.cache.output_dir} (the cache was rebuilt since)")
+            changed.append(f"the samples in {params.cache.output_dir}, rebuilt since")
         if changed and cfg.resume_from_checkpoint == "latest":
             log.warning(
                 "%s was written with other settings (%s); starting a new run", path, "; ".join(changed)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,19 +130,13 @@ def test_latest_does_not_resume_another_runs_checkpoint(world, tmp_path):
 def test_latest_does_not_resume_a_checkpoint_of_another_cache_at_the_same_path(world, tmp_path):
     """A new teacher or new data rebuilds the cache in place (`dvc repro`): the checkpoints of the run on the old
     samples are another run's, not a resume point."""
-    import shutil
-
-    import pandas as pd
-
     run = tmp_path / "rebuilt"
     base = copy.deepcopy(world)
     base["cache"]["output_dir"] = str(run / "cache")
     shutil.copytree(world["cache"]["output_dir"], run / "cache")
     train(load(run_params(base, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
-    index = pd.read_parquet(run / "cache" / "index.parquet")
-    index.iloc[:-1].to_parquet(
-        run / "cache" / "index.parquet"
-    )  # one sample fewer: the same path, other samples
+    index_file = run / "cache" / "index.parquet"
+    pd.read_parquet(index_file).iloc[:-1].to_parquet(index_file)  # the same path, one sample fewer
     train(load(run_params(base, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
     superseded = list((run / "checkpoints").glob("superseded-*/checkpoint-*"))
     assert sorted(p.name for p in superseded) == ["checkpoint-0000001", "checkpoint-0000002"]
