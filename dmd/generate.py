@@ -415,9 +415,6 @@ class TeacherSampler:
                 cls._shared[key] = cls(params)
             return cls._shared[key]
 
-    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
-        return latent_shape(self.pipe, height, width, num_frames)
-
     def sample(self, samples: list[Sample], params: Params) -> SampledBatch:
         """Latents, initial noise and uint8 frames of `samples`, made on the sampler's thread."""
         return self._thread.submit(self._sample, samples, params).result()
@@ -425,7 +422,7 @@ class TeacherSampler:
     def _sample(self, samples: list[Sample], params: Params) -> SampledBatch:
         cfg = params.generate
         start = time.perf_counter()
-        shape = self.latent_shape(cfg.height, cfg.width, cfg.num_frames)
+        shape = latent_shape(self.pipe, cfg.height, cfg.width, cfg.num_frames)
         noise = torch.stack([initial_noise(s.seed, shape) for s in samples])
         latents = self.pipe(
             prompt=[s.prompt for s in samples],

@@ -181,21 +181,25 @@ def set_latent_statistics(vae: AutoencoderKLWan, latents_NCTHW: torch.Tensor) ->
     return (latents_NCTHW - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
 
 
+def _round_trip(vae: AutoencoderKLWan, clips: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels, decoded) of uint8 clips encoded to the posterior mean and decoded as WanPipeline decodes
+    (`decode` clamps to [-1, 1])."""
+    x = clips_to_pixels(clips).to(next(vae.parameters()).device)
+    return x, vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+
 @torch.no_grad()
 def vae_round_trip(vae: AutoencoderKLWan, clips: np.ndarray) -> np.ndarray:
-    """uint8 clips encoded (posterior mean) and decoded as WanPipeline decodes: what the VAE alone keeps of them,
-    the ceiling for anything the transformer draws."""
-    decoded = vae.decode(
-        vae.encode(clips_to_pixels(clips).to(next(vae.parameters()).device)).latent_dist.mode()
-    )
-    return ((decoded.sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+    """uint8 clips after the round trip: what the VAE alone keeps of them, the ceiling for anything the
+    transformer draws."""
+    _, decoded = _round_trip(vae, clips)
+    return ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 @torch.no_grad()
 def reconstruction_error(vae: AutoencoderKLWan, clips: np.ndarray) -> float:
-    """Mean absolute error in 0–255 pixel units of clamped encode→decode round trips, as the pipeline decodes."""
-    x = clips_to_pixels(clips).to(next(vae.parameters()).device)
-    decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    """Mean absolute error in 0–255 pixel units of the round trip, as the pipeline decodes."""
+    x, decoded = _round_trip(vae, clips)
     return float(((decoded - x).abs() * 127.5).mean())
 
 
