@@ -316,20 +316,24 @@ class DistillationConfig(Section):
     )
     warp_denoising_steps: bool = Field(
         False,
-        description="Warp dmd_denoising_steps through model.flow_schedule_shift (σ = shift(t/1000)). Off by "
-        "default: the steps are used as written, as in Self-Forcing and FastVideo, and on the toy the unwarped "
-        "1000/757/522 did better than the warped ones.",
+        description="Warp dmd_denoising_steps through model.flow_schedule_shift (σ = shift(t/1000)), as "
+        "Self-Forcing's DMD configs do (warp_denoising_step: true). Off in the toy default, which was tuned "
+        "unwarped (docs/results.md); for Wan 2.1 at flow_schedule_shift 5 follow Self-Forcing and turn it on.",
     )
     generator_update_interval: int = Field(
         1, ge=1, description="The student updates on steps 0, n, 2n, …; the critic on every step."
     )
     real_score_guidance_scale: float = Field(
-        3.0, ge=0, description="CFG of the real score, x_u + w·(x_c − x_u) (diffusers' form; 1 = no CFG)."
+        3.0,
+        ge=0,
+        description="CFG of the real score, x_u + w·(x_c − x_u): diffusers' form, as the seed's trainer and DMD2 "
+        "(1 = no CFG). Self-Forcing's guidance_scale g is x_c + g·(x_c − x_u), i.e. w = 1 + g here.",
     )
     fake_score_guidance_scale: float = Field(
         0.0,
         ge=0,
-        description="CFG of the fake score in the DMD gradient, same form; 0 = off (conditional only).",
+        description="Guidance of the fake score in the DMD gradient, Self-Forcing's form F_c + w·(F_c − F_u): "
+        "0 = the conditional critic alone (one pass), continuous in w.",
     )
     fake_score_lr: float = Field(1e-5, gt=0, description="The critic's AdamW learning rate.")
     fake_score_weight_decay: float = Field(0.01, ge=0, description="The critic's AdamW weight decay.")
@@ -345,19 +349,30 @@ class DistillationConfig(Section):
         None, gt=0, description="LoRA alpha of the critic adapter; None = fake_score_lora_rank (scale 1)."
     )
     min_timestep_ratio: float = Field(
-        0.02, ge=0, le=1, description="Lower end of u ~ U[min, max] for the score timestep σ_s = shift(u)."
+        0.02,
+        ge=0,
+        le=1,
+        description="Clamp of the score timestep, applied after the shift as in Self-Forcing and FastVideo: "
+        "σ_s = clamp(shift(u, timestep_shift), min_timestep_ratio, max_timestep_ratio).",
     )
-    max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="Upper end of u, as above.")
+    max_timestep_ratio: float = Field(0.98, ge=0, le=1, description="Upper end of that clamp.")
     num_frame_per_block: int = Field(
         3, ge=1, description="Latent frames per time block of the rollout; the clip's length = bidirectional."
     )
     independent_first_frame: bool = Field(False, description="The first time block is the first frame alone.")
     same_step_across_blocks: bool = Field(
-        False, description="One exit step for all time blocks (else one drawn per block)."
+        False,
+        description="One exit step for all time blocks (else one drawn per block). As in Self-Forcing, only a "
+        "shared exit lets ts_schedule / ts_schedule_max bound the score timestep, so a one-block student "
+        "that wants those bounds sets it too.",
     )
     last_step_only: bool = Field(False, description="Every block exits at the last step (no exit sampling).")
     num_training_frames: int = Field(
-        21, ge=1, description="Cap on the latent frames a training rollout makes."
+        21,
+        ge=1,
+        description="Latent frames a training rollout makes (Self-Forcing's rollout length), whatever the "
+        "cached clips' length; the scores see the whole rollout (Self-Forcing, trained at 21, scores only the "
+        "last 21 of a longer one). rollout_from: data and regression_loss_weight need clips at least this long.",
     )
     context_noise: float = Field(
         0,
@@ -366,13 +381,25 @@ class DistillationConfig(Section):
         description="Timestep (0–1000) to which earlier blocks' clean output is re-noised as later blocks' context.",
     )
     ts_schedule: bool = Field(
-        True, description="Score timestep at least the σ of the step after the exit step (Self-Forcing)."
+        True,
+        description="u of the score timestep at least the step after the exit step (0 after the last), before "
+        "timestep_shift (Self-Forcing). Needs same_step_across_blocks: with per-block exits there is no one "
+        "exit to bound by and min_score_timestep is the floor instead.",
     )
-    ts_schedule_max: bool = Field(False, description="Score timestep at most the σ of the exit step.")
+    ts_schedule_max: bool = Field(
+        False,
+        description="u of the score timestep at most the exit step, before timestep_shift; like ts_schedule it "
+        "needs same_step_across_blocks.",
+    )
     min_score_timestep: float = Field(
-        0, ge=0, le=1000, description="Floor (0–1000) on the score timestep, always applied."
+        0,
+        ge=0,
+        le=1000,
+        description="Floor (0–1000) on u of the score timestep when no ts_schedule floor applies (Self-Forcing).",
     )
-    timestep_shift: float = Field(1.0, gt=0, description="Shift applied to u for the score timestep.")
+    timestep_shift: float = Field(
+        1.0, gt=0, description="Shift of u for the score timestep, applied before the ratio clamp."
+    )
     rollout_from: Literal["noise", "data"] = Field(
         "noise",
         description="noise: backward simulation from pure noise (data-free); data: cached latents noised to "
@@ -463,7 +490,13 @@ class TrainConfig(Section):
         "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
     )
     use_ema: bool = Field(True, description="Keep an EMA of the student; the export holds the EMA weights.")
-    ema_decay: float = Field(0.99, gt=0, lt=1)
+    ema_decay: float = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="Decay of the EMA after its warm-up: the n-th fold uses min(ema_decay, (1 + n)/(10 + n)) as "
+        "diffusers' EMAModel, so the export holds nothing of the weights training started from.",
+    )
     ema_update_interval: int = Field(
         1, ge=1, description="Fold the weights into the EMA every n student steps."
     )

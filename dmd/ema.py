@@ -13,8 +13,19 @@ from collections.abc import Iterator, Sequence
 import torch
 
 
+def ema_decay_at(update: int, decay: float) -> float:
+    """The decay of the `update`-th fold (1, 2, …): 0 for the first, then min(decay, (1 + n)/(10 + n)) with
+    n = update − 1, the warm-up of diffusers' `EMAModel` (and of the seed's trainer).
+
+    Without the warm-up the shadow keeps decay^updates of the initial weights, which is most of them on a short
+    run with a long `update_interval`."""
+    n = update - 1
+    return 0.0 if n <= 0 else min(decay, (1 + n) / (10 + n))
+
+
 class EMA:
-    """shadow ← decay·shadow + (1 − decay)·weights, every `update_interval`-th call to `step`."""
+    """shadow ← d·shadow + (1 − d)·weights with d = ema_decay_at(update, decay), every `update_interval`-th call
+    to `step`."""
 
     def __init__(self, params: Sequence[torch.Tensor], decay: float, update_interval: int = 1):
         if not 0 < decay < 1:
@@ -31,8 +42,9 @@ class EMA:
         self.num_calls += 1
         if self.num_calls % self.update_interval:
             return False
+        weight = 1 - ema_decay_at(self.num_calls // self.update_interval, self.decay)
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
+            s.lerp_(p.detach().float(), weight)
         return True
 
     @contextlib.contextmanager

@@ -53,6 +53,13 @@ def regression_loss(x0_student: torch.Tensor, teacher_x0: torch.Tensor) -> torch
     return ((x0_student - teacher_x0) ** 2).mean()
 
 
+def fake_cfg_scale(fake_score_guidance_scale: float) -> float:
+    """Self-Forcing's fake-score guidance f = F_c + w·(F_c − F_u) in diffusers' form F_u + s·(F_c − F_u): s = 1 + w.
+
+    So w = 0 is the conditional score alone, and the score is continuous in w."""
+    return 1.0 + fake_score_guidance_scale
+
+
 def guided_x0(
     model: VelocityFn,
     x_BCTHW: torch.Tensor,
@@ -82,6 +89,7 @@ def guided_x0(
 
 @dataclass
 class _Conditioning:
+    rollout_shape: tuple[int, ...]
     latents_BCTHW: torch.Tensor
     prompt_embeds_BLD: torch.Tensor
     negative_BLD: torch.Tensor
@@ -149,7 +157,7 @@ class DMDMethod:
         x0_student, exits = self._rollout(cond, generator)
         b = x0_student.shape[0]
         sigma_s = self._score_sigmas(b, exits, generator)
-        noise = self._randn(x0_student, generator)
+        noise = self._randn(x0_student.shape, generator)
         with torch.no_grad():
             x_s = add_noise(x0_student.detach(), noise, sigma_s)
             real_x0 = guided_x0(
@@ -166,8 +174,8 @@ class DMDMethod:
                 x_s,
                 sigma_s,
                 cond.prompt_embeds_BLD,
-                cond.negative_BLD if fake_scale > 0 else None,
-                fake_scale,
+                cond.negative_BLD if fake_scale != 0 else None,
+                fake_cfg_scale(fake_scale),
             )
             gradient = dmd_gradient(x0_student.detach(), real_x0, fake_x0)
         loss = dmd_loss(x0_student, gradient)
@@ -190,7 +198,7 @@ class DMDMethod:
         with torch.no_grad():
             x0_student, exits = self._rollout(cond, generator)
         sigma = self._score_sigmas(x0_student.shape[0], exits, generator)
-        noise = self._randn(x0_student, generator)
+        noise = self._randn(x0_student.shape, generator)
         x_sigma = add_noise(x0_student, noise, sigma)
         frame_timesteps_BT = sigma_to_timestep(sigma)[:, None].expand(-1, x_sigma.shape[2])
         velocity = self.roles.fake(x_sigma, frame_timesteps_BT, cond.prompt_embeds_BLD)
@@ -201,7 +209,14 @@ class DMDMethod:
 
     def _conditioning(self, batch, generator: torch.Generator) -> _Conditioning:
         latents = batch.latents_BCTHW.to(self.device, torch.float32)
-        frames = self.schedule.training_frames(latents.shape[2])
+        frames = self.schedule.rollout_frames(latents.shape[2])
+        reads_teacher_clip = self.config.rollout_from == "data" or self.config.regression_loss_weight > 0
+        if reads_teacher_clip and frames > latents.shape[2]:
+            raise ValueError(
+                f"train.distillation_config.num_training_frames={frames} is longer than the cached clips "
+                f"({latents.shape[2]} latent frames), and rollout_from: data / regression_loss_weight read the "
+                "teacher's clip frame by frame: lower num_training_frames or cache longer clips"
+            )
         prompts = batch.prompt_embeds_BLD.to(self.device, torch.float32)
         b, length = prompts.shape[:2]
         for name, emb in (("negative", self.negative_prompt_embeds), ("empty", self.empty_prompt_embeds)):
@@ -219,6 +234,7 @@ class DMDMethod:
         if teacher_noise is not None:
             teacher_noise = teacher_noise.to(self.device, torch.float32)[:, :, :frames]
         return _Conditioning(
+            rollout_shape=(b, latents.shape[1], frames, *latents.shape[3:]),
             latents_BCTHW=latents[:, :, :frames],
             prompt_embeds_BLD=prompts,
             negative_BLD=self.negative_prompt_embeds.expand(b, length, -1),
@@ -226,8 +242,7 @@ class DMDMethod:
         )
 
     def _rollout(self, cond: _Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
-        latents = cond.latents_BCTHW
-        n_blocks = len(self.schedule.block_ranges(latents.shape[2]))
+        n_blocks = len(self.schedule.block_ranges(cond.rollout_shape[2]))
         exits = choose_exit_indices(
             self.schedule.num_steps,
             n_blocks,
@@ -235,11 +250,11 @@ class DMDMethod:
             same_step_across_blocks=self.config.same_step_across_blocks,
             last_step_only=self.config.last_step_only,
         )
-        start = latents if self.config.rollout_from == "data" else None
+        start = cond.latents_BCTHW if self.config.rollout_from == "data" else None
         x0 = rollout(
             self.roles.student,
             cond.prompt_embeds_BLD,
-            self._randn(latents, generator),
+            self._randn(cond.rollout_shape, generator),
             self.schedule,
             exits,
             generator,
@@ -248,9 +263,10 @@ class DMDMethod:
         return x0, exits
 
     def _score_sigmas(self, batch_size: int, exits: list[int], generator: torch.Generator) -> torch.Tensor:
-        shared_exit = exits[0] if len(set(exits)) == 1 else None
+        # as Self-Forcing: the exit bounds the score timestep only when one exit is shared by construction
+        shared_exit = exits[0] if self.config.same_step_across_blocks else None
         floor, ceiling = exit_bounds(
-            torch.tensor(self.schedule.sigmas),
+            self.config.dmd_denoising_steps,
             shared_exit,
             ts_schedule=self.config.ts_schedule,
             ts_schedule_max=self.config.ts_schedule_max,
@@ -275,5 +291,5 @@ class DMDMethod:
         )
         return regression_loss(x0, cond.latents_BCTHW)
 
-    def _randn(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(like.shape, generator=generator, device=generator.device).to(self.device)
+    def _randn(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=generator.device).to(self.device)

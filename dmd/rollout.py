@@ -68,9 +68,10 @@ class RolloutSchedule:
         ]
         return ranges
 
-    def training_frames(self, num_frames: int) -> int:
-        """Latent frames a training rollout makes: the clip's, capped by `num_training_frames`."""
-        return num_frames if self.num_training_frames is None else min(num_frames, self.num_training_frames)
+    def rollout_frames(self, clip_frames: int) -> int:
+        """Latent frames a training rollout makes: `num_training_frames` (Self-Forcing's rollout length), or the
+        cached clip's length when it is unset."""
+        return clip_frames if self.num_training_frames is None else self.num_training_frames
 
 
 def frame_timesteps_to_tokens(frame_timesteps_BT: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:

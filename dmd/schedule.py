@@ -25,20 +25,16 @@ def denoising_sigmas(steps: list[int], warp_shift: float | None = None) -> torch
     return sigmas.float()
 
 
-def unshift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
-    """The inverse of `shift_sigma(·, s)`, which is `shift_sigma(·, 1/s)`."""
-    return shift_sigma(sigma, 1.0 / shift)
-
-
 @dataclass(frozen=True)
 class ScoreTimestepRange:
-    """Where the real and fake scores are evaluated: σ_s = shift(u, timestep_shift), u ~ U[min_ratio, max_ratio],
-    conditioned on σ_s lying in [floor, ceiling].
+    """Where the real and fake scores are evaluated, as Self-Forcing and FastVideo draw it: shift first, then
+    clamp — σ_s = clamp(shift(u, timestep_shift), min_ratio, max_ratio), u ~ U[lo, hi].
 
-    Bounds follow Self-Forcing's `ts_schedule` semantics: with the student exiting at step k,
-    `ts_schedule` floors σ_s at the σ of the *next* step (0 after the last step), so the scores judge the
-    student's output only at noise levels it will be re-noised to or above; `ts_schedule_max` caps σ_s at the
-    exit step's own σ. `min_score_timestep` (0–1000 scale) is a floor that always applies.
+    `lo` is the `ts_schedule` floor when one applies, else `min_score_timestep`/1000; `hi` is the
+    `ts_schedule_max` ceiling when one applies, else 1 (`exit_bounds` says when they apply). The clamp comes
+    last, so σ_s never leaves [min_ratio, max_ratio] whatever the shift, and a shift that pushes u past a
+    ratio piles that mass at the ratio, exactly as in the references. u is continuous here; the references
+    draw integer timesteps, a difference of at most 1/1000 in σ.
     """
 
     min_ratio: float
@@ -55,40 +51,35 @@ class ScoreTimestepRange:
             min_sigma=float(timestep_to_sigma(dc.min_score_timestep)),
         )
 
-    def bounds(self, floor: float = 0.0, ceiling: float = 1.0) -> tuple[float, float]:
-        """(lo, hi) of σ_s: the shifted ratio range intersected with [floor, ceiling] and the min_score floor.
-
-        If the bounds cross (a floor above the range), σ_s sits at the upper end: the range wins over the
-        floor, so the score never sees a σ outside [shift(min_ratio), shift(max_ratio)].
-        """
-        lo = max(float(shift_sigma(self.min_ratio, self.shift)), floor, self.min_sigma)
-        hi = min(float(shift_sigma(self.max_ratio, self.shift)), ceiling)
-        return min(lo, hi), hi
-
     def sample(
-        self, batch_size: int, generator: torch.Generator, floor: float = 0.0, ceiling: float = 1.0
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        floor: float | None = None,
+        ceiling: float | None = None,
     ) -> torch.Tensor:
-        """One σ_s per sample, (batch_size,) float32.
-
-        Drawn as u uniform between the un-shifted bounds and then shifted, which is exactly the shifted
-        uniform conditioned on [lo, hi] (the shift is monotone), with no mass piled up at a clamp.
-        """
-        lo, hi = self.bounds(floor, ceiling)
-        u_lo, u_hi = float(unshift_sigma(lo, self.shift)), float(unshift_sigma(hi, self.shift))
-        u = u_lo + (u_hi - u_lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        return shift_sigma(u, self.shift).float()
+        """One σ_s per sample, (batch_size,) float32; `floor`/`ceiling` bound u (None: min_score_timestep / 1)."""
+        lo = self.min_sigma if floor is None else floor
+        hi = 1.0 if ceiling is None else ceiling
+        u = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        return shift_sigma(u, self.shift).clamp(self.min_ratio, self.max_ratio).float()
 
 
 def exit_bounds(
-    sigmas: torch.Tensor, exit_index: int | None, ts_schedule: bool, ts_schedule_max: bool
-) -> tuple[float, float]:
-    """(floor, ceiling) on σ_s from the student's exit step; no bounds when blocks exited at different steps
-    (`exit_index` None), as in Self-Forcing."""
+    steps: list[int], exit_index: int | None, ts_schedule: bool, ts_schedule_max: bool
+) -> tuple[float | None, float | None]:
+    """(floor, ceiling) on u from the student's exit step, as Self-Forcing's `denoised_timestep_to/_from`.
+
+    `steps` are `dmd_denoising_steps` as written (0–1000): the bounds are un-warped step values, because u is
+    shifted by `timestep_shift` afterwards. `ts_schedule` floors u at the step after the exit (0 after the last
+    step), `ts_schedule_max` caps it at the exit step itself. `exit_index` None (the blocks' exits were drawn
+    independently) gives no bounds: there is no one exit to bound by.
+    """
     if exit_index is None:
-        return 0.0, 1.0
-    floor = float(sigmas[exit_index + 1]) if exit_index + 1 < len(sigmas) else 0.0
-    ceiling = float(sigmas[exit_index])
-    return (floor if ts_schedule else 0.0), (ceiling if ts_schedule_max else 1.0)
+        return None, None
+    floor = float(timestep_to_sigma(steps[exit_index + 1])) if exit_index + 1 < len(steps) else 0.0
+    ceiling = float(timestep_to_sigma(steps[exit_index]))
+    return (floor if ts_schedule else None), (ceiling if ts_schedule_max else None)
 
 
 def choose_exit_indices(

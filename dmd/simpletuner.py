@@ -60,6 +60,11 @@ def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict,
             raw["train"][key] = value
         else:
             notes.append(f"{key}: not mapped (this project has no setting for it); value {value!r} dropped")
+    if raw["train"].get("use_ema", True) and "ema_update_interval" in raw["train"]:
+        notes.append(
+            "train.ema_update_interval: the EMA warms up as diffusers' EMAModel (decay min(ema_decay, "
+            "(1 + n)/(10 + n)) at the n-th fold), so the export holds nothing of the initial weights"
+        )
     for key in ("validation_prompt_library", "webhook_config"):
         if raw["train"].get(key):
             notes.append(
@@ -78,7 +83,37 @@ def _distillation(value: Any) -> tuple[dict, list[str]]:
     notes = [
         f"distillation_config.{k}: not mapped (unknown DMD setting); dropped" for k in value if k not in known
     ]
-    return mapped, notes
+    return mapped, notes + _reference_meanings(mapped)
+
+
+def _reference_meanings(dc: dict) -> list[str]:
+    """Where the seed's trainer and the DMD references (Self-Forcing, FastVideo) read a key differently, this
+    project follows the references; say so for each key the imported config sets."""
+    notes = []
+    if dc.get("fake_score_guidance_scale", 0):
+        w = dc["fake_score_guidance_scale"]
+        notes.append(
+            f"distillation_config.fake_score_guidance_scale={w}: read as Self-Forcing does, "
+            f"F_c + {w}·(F_c − F_u) (0 = conditional critic alone), not as diffusers-form CFG"
+        )
+    if "min_timestep_ratio" in dc or "max_timestep_ratio" in dc or dc.get("timestep_shift", 1) != 1:
+        notes.append(
+            "distillation_config.min/max_timestep_ratio: clamp the score timestep after timestep_shift "
+            "(Self-Forcing, FastVideo), not before it"
+        )
+    if "num_training_frames" in dc:
+        notes.append(
+            f"distillation_config.num_training_frames={dc['num_training_frames']}: the rollout's length in latent "
+            "frames (Self-Forcing), not a cap on the cached clips' length"
+        )
+    bounded = dc.get("ts_schedule", True) or dc.get("ts_schedule_max", False)
+    if bounded and not dc.get("same_step_across_blocks", False):
+        notes.append(
+            "distillation_config.ts_schedule / ts_schedule_max: with same_step_across_blocks false each block "
+            "exits at its own step, so they bound nothing and min_score_timestep is the floor (as in "
+            "Self-Forcing); set same_step_across_blocks: true to bound the score timestep by the exit step"
+        )
+    return notes
 
 
 def _dataset(i: int, entry: dict, notes: list[str]) -> dict:

@@ -102,11 +102,35 @@ def test_ema_follows_its_formula_and_swaps_in_and_out():
     with torch.no_grad():
         p.fill_(1.0)
     assert ema.step() is False  # first call of the interval: no update
-    assert ema.step() is True
-    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.1))
+    assert ema.step() is True  # the first fold copies the weights (warm-up decay 0)
+    assert torch.equal(ema.shadow[0], torch.ones(3))
+    with torch.no_grad():
+        p.fill_(3.0)
+    ema.step(), ema.step()  # second fold: decay min(0.9, 2/11)
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 2 / 11 * 1.0 + 9 / 11 * 3.0))
     with ema.swapped_in():
-        assert torch.allclose(p, torch.full((3,), 0.1))
-    assert torch.equal(p.detach(), torch.ones(3))
+        assert torch.allclose(p, torch.full((3,), 2 / 11 + 27 / 11))
+    assert torch.equal(p.detach(), torch.full((3,), 3.0))
     other = EMA([torch.nn.Parameter(torch.zeros(3))], decay=0.9, update_interval=2)
     other.load_state_dict(ema.state_dict())
-    assert torch.equal(other.shadow[0], ema.shadow[0]) and other.num_calls == 2
+    assert torch.equal(other.shadow[0], ema.shadow[0]) and other.num_calls == 4
+
+
+@pytest.mark.parametrize("interval", [1, 2, 5])
+def test_ema_keeps_nothing_of_the_initial_weights(interval):
+    """400 student steps: the exported EMA must not hold the weights training started from (the plain EMA kept
+    decay**(400/interval) of them). The weights move to 1 at the first step and stay there."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    ema = EMA([p], decay=0.99, update_interval=interval)
+    with torch.no_grad():
+        p.fill_(1.0)
+    for _ in range(400):
+        ema.step()
+    assert torch.allclose(ema.shadow[0], torch.ones(4), atol=1e-6)
+
+
+def test_ema_decay_warms_up_to_its_setting():
+    from dmd.ema import ema_decay_at
+
+    assert [ema_decay_at(n, 0.99) for n in (1, 2, 3)] == pytest.approx([0.0, 2 / 11, 3 / 12])
+    assert ema_decay_at(10_000, 0.99) == 0.99

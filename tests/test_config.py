@@ -57,6 +57,22 @@ def test_every_seed_key_is_imported_and_typed():
             assert getattr(dataset, k) == v, k
 
 
+def test_seed_import_says_where_it_follows_the_references():
+    config = json.loads((SEED / "config.json").read_text())
+    advanced = json.loads((SEED / "advanced-distillation-config.json").read_text())
+    _, notes = import_simpletuner(config)
+    text = "\n".join(notes)
+    assert "num_training_frames=21: the rollout's length" in text
+    assert "clamp the score timestep after timestep_shift" in text
+    assert "same_step_across_blocks false" in text  # the seed's ts_schedule alone bounds nothing
+    assert "ema_update_interval" in text
+    assert "fake_score_guidance_scale" not in text  # the seed's 0 means the same everywhere
+    config["distillation_config"].update(advanced["distillation_config"])
+    _, notes = import_simpletuner(config)
+    text = "\n".join(notes)
+    assert "F_c + 1.2·(F_c − F_u)" in text and "same_step_across_blocks false" not in text
+
+
 def test_every_params_key_has_a_consumer_in_code():
     """No key is accepted and ignored: each field name appears in the code outside dmd/config.py."""
     code = "\n".join(

@@ -116,13 +116,46 @@ def test_key_real_score_guidance_scale():
     assert results[1.0][1] != pytest.approx(results[3.0][1])
 
 
+def _fake_x0_by_hand(w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f from the method, f = F_c + w·(F_c − F_u) computed by hand from the critic's own two passes)."""
+    method, spies = _method(_params(fake_score_guidance_scale=w, last_step_only=True))
+    captured = {}
+    real_dmd_gradient = sys.modules["dmd.method"].dmd_gradient
+
+    def capture(x0, real_x0, fake_x0):
+        captured["f"] = fake_x0
+        return real_dmd_gradient(x0, real_x0, fake_x0)
+
+    sys.modules["dmd.method"].dmd_gradient = capture
+    try:
+        method.generator_loss(_batch(), _gen())
+    finally:
+        sys.modules["dmd.method"].dmd_gradient = real_dmd_gradient
+    call = spies["fake"].calls[0]
+    b = 2
+    x, t = call.x[:b], call.t[:b]
+    sigma = t[:, 0] / 1000
+    fake = spies["fake"].fn
+    with torch.no_grad():
+        x0_c = x - sigma.view(-1, 1, 1, 1, 1) * fake(x, t, call.c[:b])
+        x0_u = x - sigma.view(-1, 1, 1, 1, 1) * fake(x, t, torch.full_like(call.c[:b], 0.5))
+    return captured["f"], x0_c + w * (x0_c - x0_u)
+
+
 def test_key_fake_score_guidance_scale():
+    # 0: the conditional critic alone, one pass
     method, spies = _method(_params(fake_score_guidance_scale=0.0))
     method.generator_loss(_batch(), _gen())
     assert spies["fake"].calls[0].x.shape[0] == 2
-    method, spies = _method(_params(fake_score_guidance_scale=1.5))
-    method.generator_loss(_batch(), _gen())
-    assert spies["fake"].calls[0].x.shape[0] == 4 and torch.all(spies["fake"].calls[0].c[2:] == 0.5)
+    # w: Self-Forcing's F_c + w·(F_c − F_u), negative prompt as the unconditional side
+    for w in (0.5, 1.5):
+        got, want = _fake_x0_by_hand(w)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # continuous at 0: a tiny w is the conditional score, not the unconditional one
+    f0, _ = _fake_x0_by_hand(0.0)
+    f_tiny, _ = _fake_x0_by_hand(1e-3)
+    f_one, _ = _fake_x0_by_hand(1.0)
+    assert (f_tiny - f0).abs().max() < 1e-2 * (f_one - f0).abs().max()
 
 
 @pytest.mark.parametrize(
@@ -183,6 +216,10 @@ def test_key_min_timestep_ratio():
 def test_key_max_timestep_ratio():
     sigma = _score_sigmas(_params(max_timestep_ratio=0.3, ts_schedule=False))
     assert sigma.max() <= 0.3 + 1e-4 and sigma.min() >= 0.02 - 1e-4
+    # clamped after the shift: at timestep_shift 5 every u above shift⁻¹(0.9) lands on 0.9 exactly
+    sigma = _score_sigmas(_params(max_timestep_ratio=0.9, ts_schedule=False, timestep_shift=5.0), n=100)
+    u_star = 0.9 / (5 - 4 * 0.9)
+    assert float((sigma >= 0.9 - 1e-4).float().mean()) == pytest.approx(1 - u_star, abs=0.06)
 
 
 def test_key_timestep_shift():
@@ -194,6 +231,14 @@ def test_key_timestep_shift():
 def test_key_min_score_timestep():
     sigma = _score_sigmas(_params(ts_schedule=False, min_score_timestep=700))
     assert sigma.min() >= 0.7 - 1e-4
+    # with per-block exits there is no ts_schedule floor, so min_score_timestep is the floor
+    sigma = _score_sigmas(_params(ts_schedule=True, same_step_across_blocks=False, min_score_timestep=700))
+    assert sigma.min() >= 0.7 - 1e-4
+    # a ts_schedule floor replaces it (Self-Forcing): the last step's floor is 0
+    sigma = _score_sigmas(
+        _params(ts_schedule=True, same_step_across_blocks=True, last_step_only=True, min_score_timestep=700)
+    )
+    assert sigma.min() < 0.5
 
 
 def _exit_and_score_sigmas(params, n=30):
@@ -210,17 +255,29 @@ def _exit_and_score_sigmas(params, n=30):
 
 def test_key_ts_schedule():
     next_sigma = {1.0: 0.757, 0.757: 0.522, 0.522: 0.0}
-    on = _exit_and_score_sigmas(_params(ts_schedule=True))
+    on = _exit_and_score_sigmas(_params(ts_schedule=True, same_step_across_blocks=True))
     assert all(float(s.min()) >= next_sigma[round(e, 3)] - 1e-4 for e, s in on)
     assert {round(e, 3) for e, _ in on} == {1.0, 0.757, 0.522}
-    off = _exit_and_score_sigmas(_params(ts_schedule=False))
+    off = _exit_and_score_sigmas(_params(ts_schedule=False, same_step_across_blocks=True))
     assert any(float(s.min()) < next_sigma[round(e, 3)] for e, s in off)
+    # the floor is the next step as written, shifted with u afterwards: at timestep_shift 3 it is shift(0.757)
+    shifted = _exit_and_score_sigmas(
+        _params(ts_schedule=True, same_step_across_blocks=True, timestep_shift=3.0)
+    )
+    floors = {1.0: 3 * 0.757 / (1 + 2 * 0.757), 0.757: 3 * 0.522 / (1 + 2 * 0.522), 0.522: 0.0}
+    assert all(float(s.min()) >= floors[round(e, 3)] - 1e-4 for e, s in shifted)
+    # per-block exits (same_step_across_blocks false): no floor, even for one block, as in Self-Forcing
+    free = _exit_and_score_sigmas(_params(ts_schedule=True, same_step_across_blocks=False))
+    assert any(float(s.min()) < next_sigma[round(e, 3)] for e, s in free)
 
 
 def test_key_ts_schedule_max():
-    sigma = _score_sigmas(_params(ts_schedule_max=True, last_step_only=True))
+    bounded = {"last_step_only": True, "same_step_across_blocks": True}
+    sigma = _score_sigmas(_params(ts_schedule_max=True, **bounded))
     assert sigma.max() <= 0.522 + 1e-4
-    sigma = _score_sigmas(_params(ts_schedule_max=False, last_step_only=True))
+    sigma = _score_sigmas(_params(ts_schedule_max=False, **bounded))
+    assert sigma.max() > 0.8
+    sigma = _score_sigmas(_params(ts_schedule_max=True, last_step_only=True, same_step_across_blocks=False))
     assert sigma.max() > 0.8
 
 
@@ -255,6 +312,10 @@ def test_key_same_step_across_blocks():
 
     assert all(len(s) == 1 for s in exits(True))
     assert any(len(s) > 1 for s in exits(False))
+    # and only a shared exit bounds the score timestep (ts_schedule_max caps it at the last step's σ)
+    capped = {"ts_schedule_max": True, "last_step_only": True, "num_frame_per_block": 3}
+    assert _score_sigmas(_params(same_step_across_blocks=True, **capped)).max() <= 0.522 + 1e-4
+    assert _score_sigmas(_params(same_step_across_blocks=False, **capped)).max() > 0.8
 
 
 def test_key_last_step_only():
@@ -267,9 +328,18 @@ def test_key_last_step_only():
 
 
 def test_key_num_training_frames():
-    method, spies = _method(_params(num_training_frames=3, num_frame_per_block=3))
-    method.critic_loss(_batch(frames=FRAMES), _gen())
-    assert spies["fake"].calls[0].x.shape[2] == 3
+    """The rollout's length, as in Self-Forcing: shorter or longer than the cached clips."""
+    for frames in (3, 9):
+        method, spies = _method(_params(num_training_frames=frames, num_frame_per_block=3))
+        method.critic_loss(_batch(frames=FRAMES), _gen())
+        assert spies["fake"].calls[0].x.shape[2] == frames
+        assert (
+            max(c.x.shape[2] for c in spies["student"].calls) == frames
+        )  # the last block sees all before it
+    # what reads the teacher's clip frame by frame cannot run past it
+    method, _ = _method(_params(num_training_frames=9, num_frame_per_block=3, rollout_from="data"))
+    with pytest.raises(ValueError, match="num_training_frames=9 is longer than the cached clips"):
+        method.critic_loss(_batch(frames=FRAMES), _gen())
 
 
 def test_key_context_noise():

@@ -11,7 +11,6 @@ from dmd.schedule import (
     choose_exit_indices,
     denoising_sigmas,
     exit_bounds,
-    unshift_sigma,
 )
 
 
@@ -30,39 +29,46 @@ def test_denoising_sigmas_warped_follow_the_shift_formula():
     assert got[0] == pytest.approx(1.0) and all(got[1:] > [0.757, 0.522])
 
 
-def test_unshift_inverts_shift_on_random_sigmas():
-    sigma = torch.rand(1000, dtype=torch.float64)
-    for s in (0.5, 1.0, 3.0, 7.0):
-        shifted = torch.from_numpy(_shift(s, sigma.numpy()))
-        torch.testing.assert_close(unshift_sigma(shifted, s), sigma)
+def test_score_sigmas_shift_first_then_clamp():
+    """Self-Forcing / FastVideo: σ_s = clamp(shift(u), min_ratio, max_ratio), u ~ U[0, 1] without bounds."""
+    rng = ScoreTimestepRange(min_ratio=0.02, max_ratio=0.98, shift=5.0)
+    sigma = rng.sample(40000, torch.Generator().manual_seed(0)).double()
+    assert sigma.min() >= 0.02 - 1e-6 and sigma.max() <= 0.98 + 1e-6
+    # mass at the upper clamp is P(shift(u, 5) > 0.98) = 1 − u* with u* = shift(0.98, 1/5)
+    u_star = _shift(1 / 5, 0.98)
+    assert float((sigma >= 0.98 - 1e-6).double().mean()) == pytest.approx(1 - u_star, abs=0.01)
+    assert (
+        1 - u_star > 0.07
+    )  # the clamp holds real mass at shift 5, which clamping before the shift never had
+    # below the clamp, σ is the shifted uniform: undo the shift by hand and check its quartiles on [0, u*]
+    inner = sigma[(sigma > 0.02 + 1e-6) & (sigma < 0.98 - 1e-6)]
+    u = _shift(1 / 5, inner.numpy())
+    lo = _shift(1 / 5, 0.02)
+    want = [lo + q * (u_star - lo) for q in (0.25, 0.5, 0.75)]
+    np.testing.assert_allclose(np.quantile(u, [0.25, 0.5, 0.75]), want, atol=0.01)
 
 
-def test_score_sigmas_are_shifted_uniform_within_ratio_range():
-    rng = ScoreTimestepRange(min_ratio=0.2, max_ratio=0.9, shift=3.0)
-    sigma = rng.sample(20000, torch.Generator().manual_seed(0)).double()
-    assert sigma.min() >= _shift(3.0, 0.2) - 1e-6 and sigma.max() <= _shift(3.0, 0.9) + 1e-6
-    # undoing the shift by hand must give a uniform on [0.2, 0.9]: check its quartiles
-    u = sigma / (3.0 - 2.0 * sigma)
-    np.testing.assert_allclose(np.quantile(u.numpy(), [0.25, 0.5, 0.75]), [0.375, 0.55, 0.725], atol=0.01)
-
-
-def test_score_sigmas_respect_floor_ceiling_and_min_score_timestep():
+def test_score_sigmas_bounds_apply_to_u_before_the_shift():
     gen = torch.Generator().manual_seed(1)
-    rng = ScoreTimestepRange(min_ratio=0.02, max_ratio=0.98, min_sigma=0.3)
+    rng = ScoreTimestepRange(min_ratio=0.02, max_ratio=0.98, shift=3.0, min_sigma=0.3)
+    # no exit bounds: min_score_timestep is the floor of u
+    sigma = rng.sample(5000, gen)
+    assert sigma.min() >= _shift(3.0, 0.3) - 1e-6
+    # exit bounds replace min_score_timestep (Self-Forcing: `denoised_timestep_to if ts_schedule else min`)
     sigma = rng.sample(5000, gen, floor=0.1, ceiling=0.6)
-    assert sigma.min() >= 0.3 - 1e-6 and sigma.max() <= 0.6 + 1e-6
-    assert sigma.mean() == pytest.approx(0.45, abs=0.01)
-    # a floor above the range: pinned at the range's top, never outside it
-    assert torch.allclose(rng.sample(10, gen, floor=0.99), torch.tensor(0.98))
+    assert sigma.min() >= _shift(3.0, 0.1) - 1e-6 and sigma.max() <= _shift(3.0, 0.6) + 1e-6
+    assert float(sigma.min()) < _shift(3.0, 0.3)
+    u = _shift(1 / 3.0, sigma.double().numpy())
+    assert u.mean() == pytest.approx(0.35, abs=0.01)
 
 
 def test_exit_bounds_follow_self_forcing():
-    sigmas = torch.tensor([1.0, 0.757, 0.522])
-    assert exit_bounds(sigmas, 0, ts_schedule=True, ts_schedule_max=False) == pytest.approx((0.757, 1.0))
-    assert exit_bounds(sigmas, 1, ts_schedule=True, ts_schedule_max=True) == pytest.approx((0.522, 0.757))
-    assert exit_bounds(sigmas, 2, ts_schedule=True, ts_schedule_max=True) == pytest.approx((0.0, 0.522))
-    assert exit_bounds(sigmas, 1, ts_schedule=False, ts_schedule_max=False) == (0.0, 1.0)
-    assert exit_bounds(sigmas, None, ts_schedule=True, ts_schedule_max=True) == (0.0, 1.0)
+    steps = [1000, 757, 522]
+    assert exit_bounds(steps, 0, ts_schedule=True, ts_schedule_max=False) == pytest.approx((0.757, None))
+    assert exit_bounds(steps, 1, ts_schedule=True, ts_schedule_max=True) == pytest.approx((0.522, 0.757))
+    assert exit_bounds(steps, 2, ts_schedule=True, ts_schedule_max=True) == pytest.approx((0.0, 0.522))
+    assert exit_bounds(steps, 1, ts_schedule=False, ts_schedule_max=False) == (None, None)
+    assert exit_bounds(steps, None, ts_schedule=True, ts_schedule_max=True) == (None, None)
 
 
 def test_exit_indices_modes():
