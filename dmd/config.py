@@ -810,12 +810,25 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # a list entry by its index, e.g. cache.datasets.0.num_frames
+                if not (p.isdigit() and int(p) < len(node)):
+                    problems.append(f"--set {key}: '{p}' is not an index of that list (0–{len(node) - 1})")
+                    break
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
                 problems.append(f"--set {key}: '{p}' is not a section")
                 break
         else:
-            node[parts[-1]] = load_yaml(value) if value.strip() else None
+            leaf = load_yaml(value) if value.strip() else None
+            if isinstance(node, list):
+                if not (parts[-1].isdigit() and int(parts[-1]) < len(node)):
+                    problems.append(f"--set {key}: '{parts[-1]}' is not an index of that list")
+                    continue
+                node[int(parts[-1])] = leaf
+            else:
+                node[parts[-1]] = leaf
     if problems:
         raise ConfigError("--set", problems)
     return raw

@@ -5,6 +5,8 @@ Everything that touches a teacher goes through here, so real Wan 2.1 weights and
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -14,7 +16,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from peft import LoraConfig
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from dmd.config import ModelConfig
+from dmd.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,159 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+class WanModelError(ConfigError):
+    """One problem with a Wan model directory or its precision on a device: one line naming the setting, what was
+    found and the fix."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(setting, [message])
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.problems[0]}"
+
+    def __reduce__(self):
+        # stage workers may run in other processes; the exception must cross back intact
+        return (type(self), (self.source, self.problems[0]))
+
+
+TEACHER_KEY = "model.pretrained_model_name_or_path"
+TEXT_ENCODER_KEY = "model.pretrained_t5_model_name_or_path"
+WAN_PIPELINE = "WanPipeline"
+# folder -> (config file, the class it must name); the tokenizer folder only has to be there
+WAN_COMPONENTS = {
+    "transformer": ("config.json", "WanTransformer3DModel"),
+    "vae": ("config.json", "AutoencoderKLWan"),
+    "scheduler": ("scheduler_config.json", None),
+    "text_encoder": ("config.json", None),
+    "tokenizer": (None, None),
+}
+FIX_MISSING = (
+    "re-download the model (e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR`), "
+    "or write a random-weight directory of the real shapes for a dry run with `dmd wan-skeleton DIR`"
+)
+
+
+def expect_class(file: Path, config: dict, expected: str, setting: str) -> None:
+    found = config.get("_class_name")
+    if found != expected:
+        raise WanModelError(
+            setting,
+            f"{file} names class {found!r}, not {expected}: this is not a Wan 2.1 text-to-video directory; point "
+            f"{setting} at a diffusers Wan 2.1 T2V directory (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), or write one "
+            f"for a dry run with `dmd wan-skeleton DIR`",
+        )
+
+
+def _json(file: Path, setting: str, why_needed: str) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise WanModelError(setting, f"{file}: missing ({why_needed}); {FIX_MISSING}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WanModelError(setting, f"{file}: not valid JSON ({e}); {FIX_MISSING}") from None
+
+
+def _check_components(root: Path, setting: str, folders: tuple[str, ...]) -> None:
+    for folder in folders:
+        if not (root / folder).is_dir():
+            raise WanModelError(setting, f"{root}: no {folder}/ folder; {FIX_MISSING}")
+        config_file, expected = WAN_COMPONENTS[folder]
+        if config_file is None:
+            continue
+        config = _json(root / folder / config_file, setting, f"the {folder}'s config")
+        if expected is not None:
+            expect_class(root / folder / config_file, config, expected, setting)
+        elif folder == "text_encoder" and config.get("model_type") != "umt5":
+            raise WanModelError(
+                setting,
+                f"{root / folder / config_file} has model_type {config.get('model_type')!r}, not 'umt5': Wan 2.1 "
+                f"uses the UMT5-XXL encoder; point {setting} at a Wan 2.1 diffusers directory",
+            )
+
+
+def _local_dir(path_or_id: str, setting: str) -> Path | None:
+    """The local directory to check, or None for a hub id (checked by the hub when it is fetched)."""
+    p = Path(path_or_id)
+    if not p.exists():
+        return None
+    if not p.is_dir():
+        raise WanModelError(setting, f"{p} is a file; point {setting} at a diffusers Wan directory")
+    return p
+
+
+@functools.cache
+def matmul_error(device: str, dtype: torch.dtype) -> str | None:
+    """Why torch cannot multiply two `dtype` matrices on `device`, or None when it can (probed once per pair)."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except Exception as e:  # the kernels' own errors vary by torch version and backend
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+    return None
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+def _check_precision(cfg: ModelConfig, key: str, device) -> None:
+    precision = getattr(cfg, key)
+    dtype = DTYPES.get(precision)
+    if dtype is not None and dtype != torch.float32:
+        device_name = str(torch.device(device))
+        error = matmul_error(device_name, dtype)
+        if error is not None:
+            raise WanModelError(
+                f"model.{key}",
+                f"{precision}: torch cannot run a {precision} matmul on {device_name} ({error}); set model.{key} "
+                f"to {'bf16 or ' if precision == 'fp16' else ''}fp32, or run on a device that supports {precision}",
+            )
+    if precision == "int8-quanto" and cfg.quantize_via == "accelerator" and not _has_accelerator():
+        raise WanModelError(
+            "model.quantize_via",
+            f"accelerator, with model.{key}: int8-quanto, but there is no CUDA (or other accelerator) device here; "
+            f"set model.quantize_via: cpu, or run on a machine with a GPU",
+        )
+
+
+def check_model_dir(
+    cfg: ModelConfig, device: str | torch.device = "cpu", component: str | None = None
+) -> None:
+    """Reject, before any weights are read, what cannot work: a local teacher directory that is not a complete
+    diffusers Wan 2.1 text-to-video directory, or a precision `device` cannot run.
+
+    The directories are checked whole whatever `component` is loaded, so the first loader of a stage stops it; the
+    precision checked is `component`'s own (the transformer's `base_model_precision`, the text encoder's
+    `text_encoder_1_precision`, none for the VAE, which stays fp32), since stages place components on different
+    devices. `component=None` checks both. Raises WanModelError (a ConfigError) naming the setting and the fix.
+    """
+    separate_text = cfg.pretrained_t5_model_name_or_path not in (None, cfg.pretrained_model_name_or_path)
+    root = _local_dir(cfg.pretrained_model_name_or_path, TEACHER_KEY)
+    if root is not None:
+        index = _json(
+            root / "model_index.json", TEACHER_KEY, "it is what makes a folder a diffusers pipeline"
+        )
+        expect_class(root / "model_index.json", index, WAN_PIPELINE, TEACHER_KEY)
+        folders = ("transformer", "vae", "scheduler")
+        _check_components(
+            root, TEACHER_KEY, folders if separate_text else folders + ("text_encoder", "tokenizer")
+        )
+    text_root = _local_dir(cfg.text_encoder_path, TEXT_ENCODER_KEY) if separate_text else None
+    if text_root is not None:
+        _check_components(text_root, TEXT_ENCODER_KEY, ("text_encoder", "tokenizer"))
+    keys = {
+        "transformer": ("base_model_precision",),
+        "text_encoder": ("text_encoder_1_precision",),
+        "vae": (),
+        None: ("base_model_precision", "text_encoder_1_precision"),
+    }[component]
+    for key in keys:
+        _check_precision(cfg, key, device)
 
 
 def model_source(path_or_id: str, what: str) -> str:
@@ -63,6 +218,7 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
 
 def load_transformer(cfg: ModelConfig, device: str | torch.device = "cpu") -> WanTransformer3DModel:
     src = model_source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    check_model_dir(cfg, device, "transformer")
     dtype = _dtype(cfg.base_model_precision)
     model = WanTransformer3DModel.from_pretrained(
         src, subfolder="transformer", torch_dtype=dtype, revision=cfg.revision
@@ -74,6 +230,7 @@ def load_transformer(cfg: ModelConfig, device: str | torch.device = "cpu") -> Wa
 
 def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu") -> AutoencoderKLWan:
     src = model_source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    check_model_dir(cfg, device, "vae")
     # Wan's VAE runs in fp32 in diffusers' own examples; it is small next to the transformer.
     vae = AutoencoderKLWan.from_pretrained(
         src, subfolder="vae", torch_dtype=torch.float32, revision=cfg.revision
@@ -84,6 +241,7 @@ def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu") -> Autoencode
 def load_text_encoder(cfg: ModelConfig, device: str | torch.device = "cpu"):
     """(tokenizer, text_encoder) from model.pretrained_t5_model_name_or_path, at text_encoder_1_precision."""
     src = model_source(cfg.text_encoder_path, "model.pretrained_t5_model_name_or_path")
+    check_model_dir(cfg, device, "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", revision=cfg.revision)
     dtype = _dtype(cfg.text_encoder_1_precision)
     encoder = UMT5EncoderModel.from_pretrained(

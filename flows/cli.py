@@ -23,6 +23,7 @@ HANDLERS = {
     "serve": "flows.pipeline:serve_main",
     "sample": "dmd.sample:main",
     "judge": "dmd.toy.judge:main",
+    "wan-skeleton": "dmd.skeleton:main",
 }
 
 
@@ -89,6 +90,42 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--prompts", nargs="+", help="one caption per video, or one .txt/.json file of captions")
     j.add_argument("--params", default="params.yaml", help="for the toy world's settings")
     j.add_argument("--output", help="write the JSON here as well as printing it")
+
+    w = sub.add_parser(
+        "wan-skeleton",
+        help="write a random-weight diffusers Wan 2.1 directory of the real shapes, for a dry run",
+        description="Write a diffusers Wan 2.1 T2V directory with the real configs' widths and freshly initialised "
+        "random weights (same --seed, same bytes), and a locally built tokenizer; nothing is downloaded. "
+        "WanPipeline.from_pretrained loads it: point model.pretrained_model_name_or_path at it for a dry run "
+        "before downloading the real weights.",
+    )
+    w.add_argument("output", help="the directory to write (replaced atomically if it exists)")
+    w.add_argument(
+        "--config",
+        default="1.3b",
+        help="1.3b or 14b (Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers, shipped as JSON), or a folder holding "
+        "model_index.json and the transformer/, vae/, scheduler/, text_encoder/ configs (default: 1.3b)",
+    )
+    w.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    w.add_argument(
+        "--num-layers",
+        type=int,
+        help="transformer blocks, at full width (default: the config's, 30 for 1.3b)",
+    )
+    w.add_argument(
+        "--text-encoder-layers",
+        type=int,
+        help="UMT5 encoder blocks, at full width (default: the config's, 24)",
+    )
+    w.add_argument(
+        "--vocab-size",
+        type=int,
+        help="rows of the text encoder's token embedding (default: the local tokenizer's size, far below the "
+        "config's 256,384: the real embedding would be about 4 GB of random numbers that no local token id reaches)",
+    )
+    w.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of the saved weights (default: fp32)"
+    )
     return parser
 
 

@@ -125,6 +125,13 @@ def test_overrides_are_typed():
     assert params.train.max_train_steps == 7 and params.train.distillation_config.last_step_only is True
 
 
+def test_overrides_reach_list_entries_by_index():
+    params = load(REPO / "params.yaml", ["cache.datasets.0.num_frames=81"])
+    assert params.cache.datasets[0].num_frames == 81
+    with pytest.raises(ConfigError, match="'3' is not an index of that list"):
+        load(REPO / "params.yaml", ["cache.datasets.3.num_frames=81"])
+
+
 def test_validate_cli_reports_each_problem_and_fails(tmp_path):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["train"]["learning_rat"] = 1e-4
