@@ -40,6 +40,7 @@ from dmd.metrics import (
     speedup,
     video_features,
 )
+from dmd.noise import initial_noise
 from dmd.video import write_video
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,6 @@ def plan(params: Params) -> list[EvalItem]:
             "raise evaluate.num_seeds or add prompts"
         )
     return items
-
-
-def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The initial noise of a (prompt, seed) video: the same for every run, drawn on the CPU so any device agrees."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
 def latent_shape(transformer, vae, video: VideoSpec) -> tuple[int, int, int, int, int]:
@@ -262,11 +258,13 @@ class StudentSampler:
         }
 
     def denoise(self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int) -> torch.Tensor:
-        from dmd.rollout import sample
+        """The video `dmd sample --seed seed` makes: its initial noise is `noise_BCTHW` (`initial_noise(seed)`, the
+        first draw of the generator seeded `seed`) and the re-noising between steps continues that stream."""
+        from dmd.sample import generate_latents
 
-        # the re-noising between steps is seeded per video too, so a (prompt, seed) pair is reproducible
-        generator = torch.Generator("cpu").manual_seed(seed)
-        return sample(self.transformer, embeds["prompt_embeds"], noise_BCTHW, self.schedule, generator)
+        return generate_latents(
+            self.transformer, self.schedule, embeds["prompt_embeds"], noise_BCTHW.shape, seed
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,7 +302,7 @@ def run_sampler(
 
     def generate(item: EvalItem, timer: PhaseTimer | None) -> np.ndarray:
         phase = timer.phase if timer is not None else _no_phase
-        noise = initial_noise(item.seed, noise_shape).to(device)
+        noise = initial_noise(item.seed, noise_shape, device)
         with phase("text_encoding"):
             embeds = sampler.encode(item.prompt)
         with phase("dit"):

@@ -6,8 +6,10 @@
 - `scheduler/scheduler_config.json`: a `FlowMatchEulerDiscreteScheduler` with `stochastic_sampling=True` whose
   `set_timesteps(num_steps)` yields the student's σs. Its step is x0 = x − σ·v, then re-noise to the next σ: for a
   single-block student exactly our rollout, so `WanPipeline` with this scheduler and `num_inference_steps=num_steps`
-  samples like `dmd sample` (with `torch.manual_seed(seed)` and no generator, the pipeline draws the initial and
-  the re-noising noise from one stream, as `dmd sample --seed` does);
+  samples like `dmd sample`. For the same video it must draw what `dmd sample --seed` draws: the initial noise and
+  then the re-noising, from one CPU generator. WanPipeline takes `generator=` for the initial noise only and calls
+  `scheduler.step` without it (the step then draws from torch's global stream on the pipeline's device, the CUDA
+  one on a GPU), so the card's snippet binds the generator into `scheduler.step` as well;
 - `student.json`: steps, σs, time-block settings, teacher, whether the weights are the EMA's;
 - `README.md`: a model card with the training settings (the evaluate stage adds the figures to its copy).
 
@@ -31,6 +33,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from dmd.config import Params
 from dmd.io import atomic_dir, write_json, write_text
 from dmd.rollout import RolloutSchedule
+from dmd.sample import pipeline_arguments
 from dmd.schedule import denoising_sigmas
 
 log = logging.getLogger(__name__)
@@ -190,6 +193,8 @@ def write_model_card(
         if card["model_type"] == "lora"
         else f'pipe.transformer = WanTransformer3DModel.from_pretrained("{student_dir.name}", subfolder="transformer")'
     )
+    call = {"num_inference_steps": card["num_steps"], **pipeline_arguments(params)}
+    arguments = "".join(f"    {key}={value!r},\n" for key, value in call.items())
     lines = [
         "---",
         "library_name: diffusers",
@@ -205,18 +210,32 @@ def write_model_card(
         "without classifier-free guidance.",
         "",
         "```python",
+        "import functools",
+        "",
         "import torch",
         "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
         "",
         f'pipe = WanPipeline.from_pretrained("{teacher}")',
         load,
         f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{student_dir.name}", subfolder="scheduler")',
-        "torch.manual_seed(0)",
-        f'video = pipe("a prompt", num_inference_steps={card["num_steps"]}, guidance_scale=1.0).frames[0]',
+        'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
+        'generator = torch.Generator("cpu").manual_seed(0)',
+        "# WanPipeline draws the initial noise from `generator` but calls scheduler.step without one;",
+        "# bound in, it draws the re-noising between steps from the same CPU stream on any device",
+        "pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)",
+        f'video = pipe(\n    "a prompt",\n{arguments}    generator=generator,\n).frames[0]',
         "```",
         "",
-        f'or `dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` (same result for a '
-        "single-block student).",
+        f'`dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` makes the same video for a '
+        "single-block student, on a GPU as on the CPU: it draws the initial noise and then the re-noising between "
+        "steps from one CPU generator seeded with `--seed`, as the snippet does, at the size, guidance and prompt "
+        "length above (`train.validation_*`, `model.max_sequence_length`).",
+        "",
+        "Without the `scheduler.step` line the stochastic scheduler draws the re-noising from torch's global random "
+        "stream on the pipeline's device: on the CPU `torch.manual_seed(0)` in place of `generator=` then gives the "
+        "same video, on a GPU the CUDA stream gives other noise and another video. With "
+        "`torch_dtype=torch.bfloat16` (or float16) WanPipeline keeps the latents between steps in that dtype, where "
+        "`dmd sample` keeps them in float32: the videos then agree to that precision, not exactly.",
         "",
     ]
     if not card["single_block_training"]:
@@ -294,12 +313,15 @@ def schedule_from_card(card: dict) -> RolloutSchedule:
 
 def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransformer3DModel, RolloutSchedule]:
     """(transformer with the student's weights, the student's RolloutSchedule); the teacher from `params.model`."""
-    from dmd.wan import load_transformer
+    from dmd.wan import DTYPES, load_transformer
 
     student_dir = Path(student_dir)
     card = read_card(student_dir)
     if card["model_type"] == "full":
-        transformer = WanTransformer3DModel.from_pretrained(student_dir, subfolder="transformer")
+        # at the base's precision, as a LoRA student's base is loaded (diffusers upcasts to float32 otherwise)
+        transformer = WanTransformer3DModel.from_pretrained(
+            student_dir, subfolder="transformer", torch_dtype=DTYPES.get(params.model.base_model_precision)
+        )
     else:
         transformer = load_transformer(params.model)
         transformer.load_lora_adapter(

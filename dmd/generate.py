@@ -42,6 +42,7 @@ import torch
 
 from dmd.config import Params
 from dmd.io import atomic_dir, sha256_file, write_parquet, write_safetensors
+from dmd.noise import initial_noise
 from dmd.prompts import Prompt, load_prompt_library, warn_truncated
 from dmd.video import write_video
 
@@ -135,11 +136,6 @@ def parse_shard_range(text: str | None, num_shards: int) -> range:
             f"generate.shard_size); raise generate.num_videos to generate more"
         )
     return range(a, b)
-
-
-def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """A sample's initial noise (float32, on the CPU): a pure function of its seed, whatever the device."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
 def generation_settings(params: Params) -> dict:

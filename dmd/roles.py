@@ -15,13 +15,14 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Callable
 
 import torch
 from diffusers import WanTransformer3DModel
 
 from dmd.config import Params, TrainConfig
 from dmd.rollout import transformer_velocity
-from dmd.wan import add_lora, load_transformer
+from dmd.wan import add_lora, load_transformer, place_int8
 
 log = logging.getLogger(__name__)
 
@@ -155,25 +156,23 @@ def _adapter_parameters(model: torch.nn.Module, adapter: str) -> list[torch.nn.P
 def make_roles(
     base: WanTransformer3DModel,
     train: TrainConfig,
-    quantized: bool = False,
+    quantize_base: Callable[[WanTransformer3DModel], WanTransformer3DModel] | None = None,
 ) -> Roles:
-    """Wire the roles on a loaded teacher (frozen here), per `train.model_type` and the critic keys."""
+    """Wire the roles on a loaded teacher (frozen here), per `train.model_type` and the critic keys.
+
+    `quantize_base` (an int8-quanto base) runs after the full copies are taken, so a full student or a full-copy
+    critic trains float weights while the teacher and the adapters' base are int8."""
     dc = train.distillation_config
     full_student = train.model_type == "full"
     lora_critic = dc.fake_score_lora_rank is not None
-    if quantized and (full_student or not lora_critic):
-        which = "train.model_type=full" if full_student else "a full-copy critic (fake_score_lora_rank unset)"
-        raise ValueError(
-            f"model.base_model_precision=int8-quanto freezes the base in int8, but {which} needs trainable "
-            f"float weights; use train.model_type=lora and train.distillation_config.fake_score_lora_rank "
-            f"(e.g. 16), or model.base_model_precision=no_change"
-        )
     base.eval().requires_grad_(False)
     student_copy = critic_copy = None
     if full_student:
         student_copy = copy.deepcopy(base).train().requires_grad_(True)
     if not lora_critic:
         critic_copy = copy.deepcopy(base).train().requires_grad_(True)
+    if quantize_base is not None:
+        base = quantize_base(base).eval().requires_grad_(False)  # quanto's new weights come back trainable
     with warnings.catch_warnings():
         # a second adapter on one model is the point here, not an accident
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -195,7 +194,18 @@ def make_roles(
     return roles
 
 
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_roles(params: Params, device: str | torch.device = "cpu") -> Roles:
-    """Load the teacher (at `model.base_model_precision`) and wire the three roles on it."""
-    base = load_transformer(params.model, device)
-    return make_roles(base, params.train, quantized=params.model.base_model_precision == "int8-quanto")
+    """Load the teacher (at `model.base_model_precision`) and wire the three roles on it.
+
+    An int8-quanto base computes in the run's mixed precision (quanto's int8 kernels take activations of their
+    scales' dtype), and is quantized only after the full copies, if any, are taken from its float weights."""
+    model = params.model
+    if model.base_model_precision != "int8-quanto":
+        return make_roles(load_transformer(model, device), params.train)
+    base = load_transformer(
+        model, device, int8_float_dtype=MIXED_PRECISION_DTYPES[params.train.mixed_precision], quantize=False
+    )
+    return make_roles(base, params.train, quantize_base=lambda m: place_int8(m, model.quantize_via, device))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dmd.flow_matching import add_noise, sigma_to_timestep, timestep_to_sigma, x0_from_velocity
+from dmd.noise import randn
 from dmd.schedule import denoising_sigmas
 
 # (x_BCTHW, frame_timesteps_BT on the 0–1000 scale, prompt_embeds_BLD) -> velocity_BCTHW
@@ -82,10 +83,22 @@ def frame_timesteps_to_tokens(frame_timesteps_BT: torch.Tensor, tokens_per_frame
     return frame_timesteps_BT.repeat_interleave(tokens_per_frame, dim=1)
 
 
+def transformer_dtype(transformer) -> torch.dtype:
+    """The dtype a diffusers transformer computes in: its inputs must have it.
+
+    That is diffusers' `ModelMixin.dtype`, the one WanPipeline casts latents and prompt embeddings to: the dtype of
+    the weights outside `_keep_in_fp32_modules`. Loaded with `torch_dtype=bf16` (or fp16) a Wan transformer keeps
+    its scale_shift_table, time embedder and norms in fp32 while the patch embedding and attention are bf16, so no
+    single named weight stands for the model. An int8-quanto weight reports the float dtype it computes in, and a
+    model with diffusers' layerwise casting its compute dtype.
+    """
+    return transformer.dtype
+
+
 def transformer_velocity(transformer) -> VelocityFn:
-    """A `WanTransformer3DModel` as a VelocityFn (inputs cast to its dtype, output back to float32)."""
+    """A `WanTransformer3DModel` as a VelocityFn (inputs cast to its compute dtype, output back to float32)."""
     p_t, p_h, p_w = transformer.config.patch_size
-    dtype = transformer.scale_shift_table.dtype
+    dtype = transformer_dtype(transformer)
 
     def velocity(
         x_BCTHW: torch.Tensor, frame_timesteps_BT: torch.Tensor, c_BLD: torch.Tensor
@@ -103,10 +116,6 @@ def transformer_velocity(transformer) -> VelocityFn:
         return out.float()
 
     return velocity
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
 def denoise_block(
@@ -151,7 +160,9 @@ def rollout(
         context = None
         if blocks:
             clean = torch.cat(blocks, dim=2).detach()
-            context = add_noise(clean, _randn_like(clean, generator), schedule.context_sigma)
+            context = add_noise(
+                clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
+            )
         noise = noise_BCTHW[:, :, start:end]
         if start_latents_BCTHW is None:
             x, first = noise, 0
@@ -162,7 +173,7 @@ def rollout(
             with grad_mode:
                 x0 = denoise_block(model, x, sigmas[i], prompt_embeds_BLD, context, schedule.context_sigma)
             if i < k:
-                x = add_noise(x0, _randn_like(x0, generator), sigmas[i + 1])
+                x = add_noise(x0, randn(x0.shape, generator, x0.device, x0.dtype), sigmas[i + 1])
         blocks.append(x0)
     return torch.cat(blocks, dim=2)
 

@@ -1,20 +1,24 @@
-"""`dmd sample`: videos from an exported student, and the few-step generation that validation shares.
+"""`dmd sample`: videos from an exported student, and the few-step generation that validation and evaluation share.
 
 Seeding: `--seed N` seeds one CPU generator that draws the initial noise and then the re-noising between steps,
-in that order, per prompt. That is the stream `torch.manual_seed(N)` gives diffusers' `WanPipeline` with the
-student's shipped scheduler and no `generator`, so both produce the same video for a single-block student.
+in that order, per prompt; each draw is made on the CPU and moved to the model's device (`dmd.noise`), so a GPU
+gives the video the CPU gives. diffusers' `WanPipeline` with the student's shipped scheduler draws the same stream
+when it gets that generator both as `generator=` and in `scheduler.step` (the model card's snippet), so both produce
+the same video for a single-block student.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dmd.flow_matching import classifier_free_guidance
+from dmd.noise import randn
 from dmd.rollout import RolloutSchedule, VelocityFn, sample, transformer_velocity
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,7 @@ def generate_latents(
     """One video's latents: initial noise and re-noising from one CPU generator seeded `seed`."""
     device = next(transformer.parameters()).device
     generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    noise = randn(shape, generator, device)
     model = (
         transformer
         if negative_embeds_1LD is None
@@ -87,13 +91,29 @@ def video_stem(index: int, prompt: str, seed: int) -> str:
     return f"{index:02d}-{slug}-seed{seed}"
 
 
-def sample_student(
-    params, student_dir: str | Path, prompts: list[str], seed: int, output_dir: str | Path
-) -> list[Path]:
-    """mp4s of `prompts` from the exported student at `train.validation_resolution` / `_num_video_frames`."""
+def pipeline_arguments(params) -> dict:
+    """The videos `dmd sample` makes, as `WanPipeline.__call__` arguments (the model card's snippet passes them):
+    `train.validation_resolution` / `_num_video_frames`, CFG `validation_guidance` against
+    `validation_negative_prompt` when above 1, and `model.max_sequence_length`."""
+    cfg = params.train
+    height, width = cfg.validation_size
+    arguments = {"height": height, "width": width, "num_frames": cfg.validation_num_video_frames}
+    if cfg.validation_guidance > 1:
+        arguments.update(
+            guidance_scale=cfg.validation_guidance, negative_prompt=cfg.validation_negative_prompt
+        )
+    else:
+        arguments["guidance_scale"] = 1.0
+    arguments["max_sequence_length"] = params.model.max_sequence_length
+    return arguments
+
+
+def student_videos(
+    params, student_dir: str | Path, prompts: list[str], seed: int
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """(latents, uint8 (T, H, W, 3) frames) of each prompt from the exported student, as `dmd sample` makes them."""
     from dmd.evaluate import LatentDecoder
     from dmd.export import load_student
-    from dmd.video import write_video
     from dmd.wan import encode_prompts, load_text_encoder, load_vae
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,17 +122,14 @@ def sample_student(
     tokenizer, text_encoder = load_text_encoder(params.model, device)
     vae = load_vae(params.model, device)
     decode = LatentDecoder(vae)
-    cfg = params.train
-    height, width = cfg.validation_size
-    shape = latent_shape(transformer, vae, height, width, cfg.validation_num_video_frames)
+    arguments = pipeline_arguments(params)
+    shape = latent_shape(transformer, vae, arguments["height"], arguments["width"], arguments["num_frames"])
+    length = arguments["max_sequence_length"]
     negative = None
-    if cfg.validation_guidance > 1:
-        negative = encode_prompts(
-            tokenizer, text_encoder, [cfg.validation_negative_prompt], params.model.max_sequence_length
-        )
-    paths = []
-    for i, prompt in enumerate(prompts):
-        embeds = encode_prompts(tokenizer, text_encoder, [prompt], params.model.max_sequence_length)
+    if "negative_prompt" in arguments:
+        negative = encode_prompts(tokenizer, text_encoder, [arguments["negative_prompt"]], length)
+    for prompt in prompts:
+        embeds = encode_prompts(tokenizer, text_encoder, [prompt], length)
         latents = generate_latents(
             transformer,
             schedule,
@@ -120,9 +137,21 @@ def sample_student(
             shape,
             seed,
             negative_embeds_1LD=negative,
-            guidance=cfg.validation_guidance,
+            guidance=arguments["guidance_scale"],
         )
-        frames: np.ndarray = decode(latents)[0]
+        yield latents, decode(latents)[0]
+
+
+def sample_student(
+    params, student_dir: str | Path, prompts: list[str], seed: int, output_dir: str | Path
+) -> list[Path]:
+    """mp4s of `prompts` from the exported student (see `student_videos`)."""
+    from dmd.video import write_video
+
+    paths = []
+    for i, (prompt, (_, frames)) in enumerate(
+        zip(prompts, student_videos(params, student_dir, prompts, seed))
+    ):
         path = write_video(
             Path(output_dir) / f"{video_stem(i, prompt, seed)}.mp4", frames, fps=params.generate.fps
         )

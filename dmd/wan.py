@@ -207,25 +207,59 @@ def _dtype(precision: str, default: torch.dtype = torch.float32) -> torch.dtype:
     return DTYPES.get(precision, default)
 
 
+# Left in float when a Wan transformer is quantized: the timestep and text embedders and the output projection are
+# a few percent of the weights, and diffusers feeds the time embedder float32 sinusoids whenever its first weight is
+# int8, which quanto's CPU kernel cannot multiply with scales of another float dtype.
+WAN_INT8_EXCLUDE = ["condition_embedder.*", "proj_out"]
+
+
 def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     """Quantize linear weights to int8 with optimum-quanto and freeze them (activations stay float)."""
     from optimum.quanto import freeze, qint8, quantize
 
-    quantize(module, weights=qint8)
+    exclude = list(WAN_INT8_EXCLUDE) if isinstance(module, WanTransformer3DModel) else []
+    # torch's CPU int8 matmul crashes on bf16/fp16 inputs whose width is not a multiple of 16: every real Wan and
+    # UMT5 width is, only tiny test models have such layers, and those stay float
+    exclude += [
+        n
+        for n, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and m.in_features % 16 and m.weight.dtype != torch.float32
+    ]
+    quantize(module, weights=qint8, exclude=exclude or None)
     freeze(module)
     return module
 
 
-def load_transformer(cfg: ModelConfig, device: str | torch.device = "cpu") -> WanTransformer3DModel:
+def load_transformer(
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    *,
+    int8_float_dtype: torch.dtype = torch.float32,
+    quantize: bool = True,
+) -> WanTransformer3DModel:
+    """The teacher's transformer at `model.base_model_precision`, frozen, on `device`.
+
+    An int8-quanto base keeps its other weights, and computes, in `int8_float_dtype` (training passes its mixed
+    precision: quanto's int8 kernels need activations of their scales' dtype). `quantize=False` returns that base
+    still in float, for a caller that copies the float weights first and then calls `place_int8`.
+    """
     src = model_source(cfg.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     check_model_dir(cfg, device, "transformer")
-    dtype = _dtype(cfg.base_model_precision)
+    int8 = cfg.base_model_precision == "int8-quanto"
+    dtype = int8_float_dtype if int8 else _dtype(cfg.base_model_precision)
     model = WanTransformer3DModel.from_pretrained(
         src, subfolder="transformer", torch_dtype=dtype, revision=cfg.revision
     )
     if cfg.attention_mechanism != "diffusers":
         model.set_attention_backend(cfg.attention_mechanism)
+    if int8 and not quantize:
+        return model.eval().requires_grad_(False).to(device)
     return _place(model, cfg.base_model_precision, cfg.quantize_via, device)
+
+
+def place_int8(model: torch.nn.Module, quantize_via: str, device) -> torch.nn.Module:
+    """Quantize a float model to int8 (on the accelerator first with quantize_via: accelerator) and place it."""
+    return _place(model, "int8-quanto", quantize_via, device)
 
 
 def load_vae(cfg: ModelConfig, device: str | torch.device = "cpu") -> AutoencoderKLWan:

@@ -148,16 +148,31 @@ def test_start_up_checks_catch_a_trainable_teacher():
         roles.check()
 
 
-def test_int8_base_with_full_critic_is_refused_with_a_fix():
-    base = quantize_int8(build_transformer(num_layers=1).requires_grad_(False))
-    with pytest.raises(ValueError, match="fake_score_lora_rank"):
-        make_roles(base, _params().train, quantized=True)
+def test_int8_base_with_full_copies_copies_the_float_weights():
+    """The seed's config: int8 base, full-copy critic. The copies are taken before quantization, so they are the
+    teacher's float weights and train; the base (the real score) is int8."""
+    from optimum.quanto import QModuleMixin
+
+    params = _params()
+    params.train.model_type = "full"
+    base = build_transformer(num_layers=1).requires_grad_(False)
+    float_weight = base.blocks[0].attn1.to_q.weight.detach().clone()
+    roles = make_roles(base, params.train, quantize_base=quantize_int8)
+    for copy_ in (roles.student_copy, roles.critic_copy):
+        assert not isinstance(copy_.blocks[0].attn1.to_q, QModuleMixin)
+        assert torch.equal(copy_.blocks[0].attn1.to_q.weight, float_weight)
+        assert copy_.blocks[0].attn1.to_q.weight.requires_grad
+    assert isinstance(roles.base.blocks[0].attn1.to_q, QModuleMixin)
+    method = _method(roles, params)
+    loss, m = method.critic_loss(_batch(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for p in method.critic_parameters() if p.requires_grad)
 
 
 def test_int8_quanto_base_with_lora_student_and_lora_critic_trains_on_cpu():
     params = _params(fake_score_lora_rank=4)
-    base = quantize_int8(build_transformer(num_layers=1).requires_grad_(False))
-    roles = make_roles(base, params.train, quantized=True)
+    base = build_transformer(num_layers=1).requires_grad_(False)
+    roles = make_roles(base, params.train, quantize_base=quantize_int8)
     method = _method(roles, params)
     critic_opt = method.critic_optimizer()
     student_opt = torch.optim.AdamW(method.student_parameters(), lr=1e-3)
