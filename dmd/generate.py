@@ -299,16 +299,12 @@ def prepare(params: Params) -> GenerationPlan:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer
 
-    from dmd.wan import model_source
+    from dmd.wan import check_model_dir, model_source
 
     cfg, model = params.generate, params.model
     teacher = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     text_encoder = model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
-    if Path(teacher).is_dir() and not (Path(teacher) / "model_index.json").is_file():
-        raise GenerationError(
-            f"model.pretrained_model_name_or_path={teacher}: not a diffusers pipeline directory (no "
-            f"model_index.json); point it at a Wan diffusers directory such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-        )
+    check_model_dir(model, resolve_device(cfg.device))
     _check_writable(Path(cfg.output_dir))
     vae_config = AutoencoderKLWan.load_config(teacher, subfolder="vae", revision=model.revision)
     patch = WanTransformer3DModel.load_config(teacher, subfolder="transformer", revision=model.revision)[
