@@ -102,7 +102,7 @@ def _build(config: str):
             }
         }
     )
-    roles = make_roles(base, params.train, quantized=config == "c_lora_critic_int8")
+    roles = make_roles(base, params.train)  # (c)'s base is already int8: no full copy to take first
     text = torch.zeros(1, TEXT_TOKENS, MODEL["text_dim"])
     return SimpleNamespace(
         base=base, n_params=n_params, roles=roles, method=DMDMethod(params, roles, text, text)
@@ -159,34 +159,10 @@ def _time(fn, repeats: int, warm_up: bool = True) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _pass_times(method, batch, repeats: int) -> dict[str, float]:
-    """Seconds per pass of each kind a DMD step (last_step_only, real CFG) contains."""
-    import torch
-
-    roles = method.roles
-    x = batch.latents_BCTHW
-    t = torch.full((x.shape[0], x.shape[2]), 500.0)
-    c = batch.prompt_embeds_BLD
-
-    def fwd(role, batch2=False):
-        xs, ts, cs = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c])) if batch2 else (x, t, c)
-        with torch.no_grad():
-            role(xs, ts, cs)
-
-    def fwd_bwd(role):
-        role(x, t, c).square().mean().backward()
-
-    return {
-        "student_forward": _time(lambda: fwd(roles.student), repeats),
-        "student_forward_backward": _time(lambda: fwd_bwd(roles.student), repeats),
-        "real_forward_cfg": _time(lambda: fwd(roles.real, batch2=True), repeats),
-        "fake_forward": _time(lambda: fwd(roles.fake), repeats),
-        "fake_forward_backward": _time(lambda: fwd_bwd(roles.fake), repeats),
-    }
-
-
 def child(config: str, repeats: int, threads: int) -> dict:
     import torch
+
+    from dmd.metrics import dmd_pass_seconds, dmd_step_pass_counts
 
     torch.set_num_threads(threads)
     after_import = _rss_kib("VmRSS")
@@ -226,17 +202,14 @@ def child(config: str, repeats: int, threads: int) -> dict:
         "step_seconds": step_s,
     }
     if config == "a_lora_critic":
-        passes = _pass_times(built.method, batch, repeats)
-        # critic step: 3 student passes without grad + fake forward/backward;
-        # generator step: 2 without grad + 1 with backward, real score with CFG (2B), fake forward
-        out["passes"] = passes
-        out["sum_of_passes_seconds"] = (
-            5 * passes["student_forward"]
-            + passes["student_forward_backward"]
-            + passes["real_forward_cfg"]
-            + passes["fake_forward"]
-            + passes["fake_forward_backward"]
+        dc = built.method.config
+        passes = dmd_pass_seconds(
+            built.roles, dc, batch.latents_BCTHW, batch.prompt_embeds_BLD, repeats=repeats
         )
+        counts = dmd_step_pass_counts(dc)
+        out["passes"] = passes
+        out["pass_counts"] = counts
+        out["sum_of_passes_seconds"] = sum(counts[k] * passes[k] for k in counts)
     return out
 
 

@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +195,86 @@ class SpeedStats:
             "warmup_videos": self.warmup_videos,
             "device": self.device,
         }
+
+
+def dmd_step_pass_counts(distillation_config) -> dict[str, int]:
+    """How many transformer passes of each kind one DMD step runs (`DMDMethod`: a generator update, then a critic
+    update), keyed as `dmd_pass_seconds` times them. Only with `last_step_only`: otherwise the exit step, and with
+    it the number of rollout passes, is drawn at random each step.
+
+    Generator update: K−1 student passes without gradient, the exit pass with it (and its backward), the real
+    score (cond + uncond in one batch when it has CFG), the fake score. Critic update: K student passes without
+    gradient, the fake score's forward and backward.
+    """
+    dc = distillation_config
+    if not dc.last_step_only:
+        raise ValueError(
+            "the number of rollout passes of a DMD step is random unless last_step_only is set; set "
+            "train.distillation_config.last_step_only: true to count them"
+        )
+    k = len(dc.dmd_denoising_steps)
+    return {
+        "student_forward": 2 * k - 1,
+        "student_forward_backward": 1,
+        "real_forward": 1,
+        "fake_forward": 1,
+        "fake_forward_backward": 1,
+    }
+
+
+def dmd_pass_seconds(
+    roles,
+    distillation_config,
+    x_BCTHW: torch.Tensor,
+    c_BLD: torch.Tensor,
+    *,
+    repeats: int = 1,
+    warm_up: bool = True,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Median seconds of each kind of pass in `dmd_step_pass_counts`, run on `roles` (dmd.roles.Roles) at timestep
+    500 with `x_BCTHW` and `c_BLD`, the device synchronised around each. The real score runs as a batch of two
+    when the step gives it CFG (real_score_guidance_scale ≠ 1), the fake score when fake_score_guidance_scale ≠ 0;
+    `autocast` is the training run's (e.g. `accelerator.autocast`). Gradients are left cleared."""
+    dc = distillation_config
+    device = x_BCTHW.device
+    t_BT = torch.full((x_BCTHW.shape[0], x_BCTHW.shape[2]), 500.0, device=device)
+    trainable = roles.student_parameters() + roles.critic_parameters()
+
+    def forward(role, pair: bool) -> None:
+        x, t, c = x_BCTHW, t_BT, c_BLD
+        if pair:  # cond and uncond as one batch, as `guided_x0` runs them
+            x, t, c = torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c])
+        with torch.no_grad(), autocast():
+            role(x, t, c)
+
+    def forward_backward(role) -> None:
+        with autocast():
+            loss = role(x_BCTHW, t_BT, c_BLD).square().mean()
+        loss.backward()
+        for p in trainable:
+            p.grad = None
+
+    passes = {
+        "student_forward": lambda: forward(roles.student, False),
+        "student_forward_backward": lambda: forward_backward(roles.student),
+        "real_forward": lambda: forward(roles.real, dc.real_score_guidance_scale != 1),
+        "fake_forward": lambda: forward(roles.fake, dc.fake_score_guidance_scale != 0),
+        "fake_forward_backward": lambda: forward_backward(roles.fake),
+    }
+    seconds = {}
+    for name, run in passes.items():
+        if warm_up:
+            run()
+        samples = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+        seconds[name] = float(np.median(samples))
+    return seconds
 
 
 def speedup(baseline_seconds: float, seconds: float) -> float:

@@ -87,9 +87,11 @@ def component_seed(seed: int, component: str) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """The modules' own default initialisation, drawn from `seed`, without touching the caller's random state."""
-    with torch.random.fork_rng(devices=[]):
+def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
+    """The modules' own default initialisation, drawn from `seed`, without touching the caller's random state
+    (the CPU's, and `device`'s when modules are created on an accelerator)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
 
@@ -113,8 +115,7 @@ def build_skeleton(
     configs = read_configs(config_folder(config))
     tokenizer = build_tokenizer()
     for key, value in (("--num-layers", num_layers), ("--text-encoder-layers", text_encoder_layers)):
-        if value is not None and value < 1:
-            raise WanModelError(key, f"{value}: a model needs at least one layer; pass 1 or more")
+        _check_depth(key, value)
     if vocab_size is not None and vocab_size < len(tokenizer):
         raise WanModelError(
             "--vocab-size",
@@ -122,15 +123,11 @@ def build_skeleton(
             f"embedding); pass at least {len(tokenizer)}, or leave it unset",
         )
 
-    transformer_config = {k: v for k, v in configs["transformer"].items() if not k.startswith("_")}
-    if num_layers is not None:
-        transformer_config["num_layers"] = num_layers
     text_config = {k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}
     text_config.pop("torch_dtype", None)  # the saved file records the dtype the weights are written in
     if text_encoder_layers is not None:
         text_config["num_layers"] = text_config["num_decoder_layers"] = text_encoder_layers
     text_config["vocab_size"] = vocab_size or len(tokenizer)
-    vae_config = {k: v for k, v in configs["vae"].items() if not k.startswith("_")}
     scheduler_config = configs["scheduler"]
     scheduler_cls = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
     if scheduler_cls is None:
@@ -140,10 +137,8 @@ def build_skeleton(
             f"not have; name a diffusers scheduler such as UniPCMultistepScheduler",
         )
 
-    with seeded(component_seed(seed, "transformer")):
-        transformer = WanTransformer3DModel.from_config(transformer_config)
-    with seeded(component_seed(seed, "vae")):
-        vae = AutoencoderKLWan.from_config(vae_config)
+    transformer = build_transformer(configs, seed, num_layers)
+    vae = build_vae(configs, seed)
     with seeded(component_seed(seed, "text_encoder")):
         text_encoder = UMT5EncoderModel(UMT5Config(**text_config))
     torch_dtype = SKELETON_DTYPES[dtype]
@@ -154,6 +149,50 @@ def build_skeleton(
         transformer=_cast(transformer, torch_dtype).eval(),
         scheduler=scheduler_cls.from_config(scheduler_config),
     )
+
+
+def build_transformer(
+    config: str | Path | dict[str, dict] = "1.3b",
+    seed: int = 0,
+    num_layers: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> WanTransformer3DModel:
+    """`config`'s transformer (a name, a folder, or `read_configs`' result) with fresh weights, in memory on `device`.
+
+    The weights are created on `device` (no copy on the CPU first: the 14B model is 56 GB in fp32) with the module's
+    own initialisation drawn from `seed`, then held in `dtype` as `from_pretrained(torch_dtype=dtype)` holds them,
+    the modules diffusers keeps in fp32 staying fp32. On the CPU in fp32 these are `build_skeleton`'s weights; an
+    accelerator draws other numbers from the same seed.
+    """
+    configs = config if isinstance(config, dict) else read_configs(config_folder(config))
+    _check_depth("--num-layers", num_layers)
+    transformer_config = {k: v for k, v in configs["transformer"].items() if not k.startswith("_")}
+    if num_layers is not None:
+        transformer_config["num_layers"] = num_layers
+    with seeded(component_seed(seed, "transformer"), device), torch.device(device):
+        transformer = WanTransformer3DModel.from_config(transformer_config)
+    if dtype != torch.float32:
+        keep = set(transformer._keep_in_fp32_modules or [])
+        for name, param in transformer.named_parameters():
+            if not keep.intersection(name.split(".")):  # the rule diffusers' loader applies
+                param.data = param.data.to(dtype)
+    return transformer.eval()
+
+
+def build_vae(
+    config: str | Path | dict[str, dict] = "1.3b", seed: int = 0, device: str | torch.device = "cpu"
+) -> AutoencoderKLWan:
+    """`config`'s VAE with fresh weights, in fp32 (as `dmd.wan.load_vae` holds it), created on `device`."""
+    configs = config if isinstance(config, dict) else read_configs(config_folder(config))
+    vae_config = {k: v for k, v in configs["vae"].items() if not k.startswith("_")}
+    with seeded(component_seed(seed, "vae"), device), torch.device(device):
+        return AutoencoderKLWan.from_config(vae_config).eval()
+
+
+def _check_depth(key: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise WanModelError(key, f"{value}: a model needs at least one layer; pass 1 or more")
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
