@@ -36,13 +36,18 @@ class EMA:
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.num_calls = 0
 
+    @property
+    def num_updates(self) -> int:
+        """Folds so far; 0 means the shadow still holds the weights training started from."""
+        return self.num_calls // self.update_interval
+
     @torch.no_grad()
     def step(self) -> bool:
         """Count one optimizer step of the student; fold the weights in on every `update_interval`-th. True if it did."""
         self.num_calls += 1
         if self.num_calls % self.update_interval:
             return False
-        weight = 1 - ema_decay_at(self.num_calls // self.update_interval, self.decay)
+        weight = 1 - ema_decay_at(self.num_updates, self.decay)
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().float(), weight)
         return True

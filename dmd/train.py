@@ -138,9 +138,17 @@ def train(params: Params, *, progress: bool = True) -> Path:
         student_dir = Path(cfg.output_dir)
         if main:
             roles.activate_student()
-            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            exports_ema = ema is not None and ema.num_updates > 0
+            if ema is not None and not exports_ema:
+                log.warning(
+                    "train.ema_update_interval=%d is more than the run's %d student steps: the EMA never folded "
+                    "the weights in, so the live weights are exported",
+                    cfg.ema_update_interval,
+                    ema.num_calls,
+                )
+            with ema.swapped_in() if exports_ema else contextlib.nullcontext():
                 export_student(
-                    roles.student_transformer, params, student_dir, ema=ema is not None, step=state.step
+                    roles.student_transformer, params, student_dir, ema=exports_ema, step=state.step
                 )
             hub.push_student(student_dir)
         acc.wait_for_everyone()

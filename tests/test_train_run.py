@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
@@ -101,6 +102,21 @@ def test_ema_weights_differ_from_live_and_serve_validation_and_export(world, tmp
     assert len(exported) == len(shadows)
     assert all(any(torch.equal(e, s) for s in shadows) for e in exported)
     assert not all(any(torch.equal(e, w) for w in live.values()) for e in exported)
+
+
+def test_an_ema_that_never_folded_exports_the_live_weights(world, tmp_path):
+    """Fewer student steps than ema_update_interval: the shadow still holds the initial weights (a LoRA's B is
+    zero), so the export must hold the trained weights instead, and the card must not claim EMA."""
+    run = tmp_path / "short"
+    params = load(run_params(world, run, max_train_steps=2, learning_rate=1e-2, ema_update_interval=5,
+                             checkpoint_step_interval=2))  # fmt: skip
+    train(params, progress=False)
+    live = _final(run)["student"]
+    exported = list(load_file(run / "student" / "pytorch_lora_weights.safetensors").values())
+    assert len(exported) == len(live)
+    assert all(any(torch.equal(e, w) for w in live.values()) for e in exported)
+    assert any(float(e.abs().max()) > 0 for e in exported)
+    assert json.loads((run / "student" / "student.json").read_text())["ema"] is False
 
 
 def test_gradient_checkpointing_gives_the_same_updates(world, tmp_path):
