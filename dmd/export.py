@@ -10,7 +10,8 @@
   then the re-noising, from one CPU generator. WanPipeline takes `generator=` for the initial noise only and calls
   `scheduler.step` without it (the step then draws from torch's global stream on the pipeline's device, the CUDA
   one on a GPU), so the card's snippet binds the generator into `scheduler.step` as well;
-- `student.json`: steps, σs, time-block settings, teacher, whether the weights are the EMA's;
+- `student.json`: steps, σs, time-block settings, teacher, the base the student trained on (`base_model_precision`,
+  and for an int8-quanto base the float dtype it computed in), whether the weights are the EMA's;
 - `README.md`: a model card with the training settings (the evaluate stage adds the figures to its copy).
 
 Files are written one by one atomically, `student.json` last, so a directory with `student.json` is complete;
@@ -27,14 +28,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-from dmd.config import Params
+from dmd.config import ModelConfig, Params
 from dmd.io import atomic_dir, write_json, write_text
 from dmd.rollout import RolloutSchedule
 from dmd.sample import pipeline_arguments
 from dmd.schedule import denoising_sigmas
+from dmd.wan import DTYPE_NAMES, DTYPES, MIXED_PRECISION_DTYPES, WAN_INT8_EXCLUDE, load_transformer
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ def student_card(
     params: Params, schedule: RolloutSchedule, *, ema: bool, step: int, sigma_error: float
 ) -> dict:
     train, dc = params.train, params.train.distillation_config
+    int8 = params.model.base_model_precision == "int8-quanto"
     return {
         "format": "dmd-student/1",
         "distillation_method": train.distillation_method,
@@ -116,6 +120,9 @@ def student_card(
         "scheduler_sigma_error": sigma_error,
         "teacher": params.model.pretrained_model_name_or_path,
         "teacher_revision": params.model.revision,
+        # a LoRA learns against the base's own weights: an int8 one is loaded on the same int8 base (student_base)
+        "base_model_precision": params.model.base_model_precision,
+        "int8_float_dtype": DTYPE_NAMES[MIXED_PRECISION_DTYPES[train.mixed_precision]] if int8 else None,
         "lora_rank": train.lora_rank if train.model_type == "lora" else None,
         "lora_alpha": train.lora_alpha if train.model_type == "lora" else None,
         "ema": ema,
@@ -195,6 +202,19 @@ def write_model_card(
     )
     call = {"num_inference_steps": card["num_steps"], **pipeline_arguments(params)}
     arguments = "".join(f"    {key}={value!r},\n" for key, value in call.items())
+    int8_base = card["model_type"] == "lora" and card.get("base_model_precision") == "int8-quanto"
+    if int8_base:  # the base as dmd.wan.quantize_int8 makes it, before the LoRA goes on
+        imports = ["from optimum.quanto import freeze, qint8, quantize"]
+        pipeline = [
+            "# the LoRA was trained on this base with int8 weights (optimum-quanto): it is loaded on the same base",
+            f'transformer = WanTransformer3DModel.from_pretrained(\n    "{teacher}", subfolder="transformer", '
+            f"torch_dtype={DTYPES[card['int8_float_dtype']]}\n)",
+            f"quantize(transformer, weights=qint8, exclude={json.dumps(WAN_INT8_EXCLUDE)})",
+            "freeze(transformer)",
+            f'pipe = WanPipeline.from_pretrained("{teacher}", transformer=transformer)',
+        ]
+    else:
+        imports, pipeline = [], [f'pipe = WanPipeline.from_pretrained("{teacher}")']
     lines = [
         "---",
         "library_name: diffusers",
@@ -214,8 +234,9 @@ def write_model_card(
         "",
         "import torch",
         "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
+        *imports,
         "",
-        f'pipe = WanPipeline.from_pretrained("{teacher}")',
+        *pipeline,
         load,
         f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{student_dir.name}", subfolder="scheduler")',
         'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
@@ -238,6 +259,19 @@ def write_model_card(
         "`dmd sample` keeps them in float32: the videos then agree to that precision, not exactly.",
         "",
     ]
+    if int8_base:
+        lines += [
+            f"**Base: int8.** The LoRA was trained on {teacher}'s transformer with int8 weights (optimum-quanto "
+            f"`qint8` in every linear layer but `{'`, `'.join(WAN_INT8_EXCLUDE)}`; the other weights and the "
+            f"activations in {card['int8_float_dtype']}), so the snippet quantizes the base that way before "
+            "loading the LoRA, as `dmd sample` and `dmd evaluate` do: it makes their video, and the evaluation "
+            "figures are this base's. Measured (`benchmarks/int8_base.py`, `docs/results.md`), the full-precision "
+            "teacher is just as good a base for it: on the toy world a LoRA trained on the int8 base is judged the "
+            "same on either base, and the two bases differ about as much under it as under the teacher alone. Without "
+            "the `quantize` and `freeze` lines the snippet loads it on the full-precision base (more memory, no "
+            "optimum-quanto), whose videos then differ slightly from `dmd sample`'s.",
+            "",
+        ]
     if not card["single_block_training"]:
         lines += [
             "Trained with time blocks (self-forcing rollout); the diffusers scheduler samples the whole clip as one "
@@ -311,10 +345,31 @@ def schedule_from_card(card: dict) -> RolloutSchedule:
     )
 
 
-def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransformer3DModel, RolloutSchedule]:
-    """(transformer with the student's weights, the student's RolloutSchedule); the teacher from `params.model`."""
-    from dmd.wan import DTYPES, load_transformer
+def student_base(card: dict, model: ModelConfig) -> tuple[ModelConfig, torch.dtype]:
+    """(teacher config, int8 float dtype) a LoRA student's base is loaded with.
 
+    A student trained on an int8-quanto base is loaded on that int8 base, computing in the float dtype it trained in,
+    whatever `model.base_model_precision` says now: its LoRA was trained against those weights, its evaluation
+    measures it there, and the card's snippet loads it so. One trained on a float base is loaded on a float base, at
+    `model`'s float precision (running bf16 / fp16 is an inference choice), never on an int8 one. A card from before
+    the training base was recorded leaves `model` as it is."""
+    trained_on = card.get("base_model_precision")
+    if trained_on == "int8-quanto":
+        int8_float_dtype = DTYPES[card["int8_float_dtype"]]
+        return model.model_copy(update={"base_model_precision": trained_on}), int8_float_dtype
+    if trained_on is not None and model.base_model_precision == "int8-quanto":
+        log.warning(
+            "the student was trained on a %s base, so it is loaded on the float teacher, not on the int8-quanto one "
+            "model.base_model_precision names",
+            trained_on,
+        )
+        return model.model_copy(update={"base_model_precision": trained_on}), torch.float32
+    return model, torch.float32
+
+
+def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransformer3DModel, RolloutSchedule]:
+    """(transformer with the student's weights, the student's RolloutSchedule); the teacher from `params.model`, a
+    LoRA student's base as `student_base` says (int8 when it trained on int8)."""
     student_dir = Path(student_dir)
     card = read_card(student_dir)
     if card["model_type"] == "full":
@@ -323,7 +378,8 @@ def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransforme
             student_dir, subfolder="transformer", torch_dtype=DTYPES.get(params.model.base_model_precision)
         )
     else:
-        transformer = load_transformer(params.model)
+        model, int8_float_dtype = student_base(card, params.model)
+        transformer = load_transformer(model, int8_float_dtype=int8_float_dtype)
         transformer.load_lora_adapter(
             str(student_dir), weight_name=LORA_WEIGHTS, adapter_name=STUDENT_ADAPTER, prefix="transformer"
         )

@@ -22,7 +22,7 @@ from diffusers import WanTransformer3DModel
 
 from dmd.config import Params, TrainConfig
 from dmd.rollout import transformer_velocity
-from dmd.wan import add_lora, load_transformer, place_int8
+from dmd.wan import MIXED_PRECISION_DTYPES, add_lora, load_transformer, place_int8
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,6 @@ def make_roles(
         sum(p.numel() for p in roles.critic_parameters()),
     )
     return roles
-
-
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_roles(params: Params, device: str | torch.device = "cpu") -> Roles:

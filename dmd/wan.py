@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# the float dtype of each train.mixed_precision: an int8-quanto base keeps its other weights, and computes, in it
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -228,6 +231,13 @@ def quantize_int8(module: torch.nn.Module) -> torch.nn.Module:
     quantize(module, weights=qint8, exclude=exclude or None)
     freeze(module)
     return module
+
+
+def is_int8(module: torch.nn.Module) -> bool:
+    """Whether `module` holds optimum-quanto quantized layers (whose weights cannot absorb a fused LoRA)."""
+    from optimum.quanto import QModuleMixin
+
+    return any(isinstance(m, QModuleMixin) for m in module.modules())
 
 
 def load_transformer(

@@ -19,14 +19,16 @@ from dmd.export import (
     write_model_card,
 )
 from dmd.generate import to_uint8
+from dmd.rollout import transformer_velocity
 from dmd.sample import pipeline_arguments, student_videos
-from dmd.wan import add_lora, load_transformer
+from dmd.wan import add_lora, is_int8, load_transformer
 
 PROMPT = "a red square moving right slowly"
 SINGLE_BLOCK = [
     "train.distillation_config.num_frame_per_block=6",
     "train.distillation_config.num_training_frames=6",
 ]
+INT8 = ["model.base_model_precision=int8-quanto"]
 
 
 @pytest.mark.parametrize(
@@ -142,6 +144,126 @@ def test_a_full_student_exports_as_a_diffusers_transformer(tiny_params_file, tmp
     with_figures = write_model_card(out, params, metrics=metrics, path=tmp_path / "reports" / "model_card.md")
     text = with_figures.read_text()
     assert "| student.sharpness | 0.61 |" in text and "| student.accuracy.colour | 1 |" in text
+
+
+def _plain_int8_base(wan_dir):
+    """The tiny teacher's transformer with int8 weights as optimum-quanto's own README quantizes a model, leaving out
+    Wan's condition embedder and output projection: independent of dmd.wan."""
+    from diffusers import WanTransformer3DModel
+    from optimum.quanto import freeze, qint8, quantize
+
+    transformer = WanTransformer3DModel.from_pretrained(wan_dir, subfolder="transformer")
+    quantize(transformer, weights=qint8, exclude=["condition_embedder.*", "proj_out"])
+    freeze(transformer)
+    return transformer
+
+
+def _velocity(transformer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(1, 4, 6, 8, 8, generator=g), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        return transformer_velocity(transformer)(x, torch.full((1, 6), 757.0), c)
+
+
+def test_the_card_records_the_base_the_student_trained_on(tiny_params_file, tmp_path):
+    cards = {}
+    for name, overrides in {
+        "fp": [],
+        "int8": INT8,
+        "int8-bf16": [*INT8, "train.mixed_precision=bf16"],
+        "full-int8": [*INT8, "train.model_type=full"],
+    }.items():
+        params = load(tiny_params_file, overrides)
+        student = load_transformer(params.model) if name == "full-int8" else _lora_student(params)
+        out = export_student(student, params, tmp_path / name, ema=False, step=1)
+        cards[name] = (read_card(out), (out / "README.md").read_text())
+    assert [cards[n][0]["base_model_precision"] for n in cards] == ["no_change", *["int8-quanto"] * 3]
+    assert [cards[n][0]["int8_float_dtype"] for n in cards] == [None, "fp32", "bf16", "fp32"]
+    # the snippet quantizes the base only under a LoRA trained on int8, in the dtype the base computed in
+    assert [cards[n][1].count("quantize(transformer") for n in cards] == [0, 1, 1, 0]
+    assert "torch_dtype=torch.bfloat16" in cards["int8-bf16"][1]
+    assert ["**Base: int8.**" in cards[n][1] for n in cards] == [False, True, True, False]
+    # loaded in the dtype it trained in, whatever params say (loading only: the tiny model's widths are not what
+    # torch's CPU kernel for bf16 activations on int8 weights takes)
+    transformer, _ = load_student(tmp_path / "int8-bf16", load(tiny_params_file))
+    assert is_int8(transformer) and transformer.dtype == torch.bfloat16
+
+
+def test_load_student_loads_the_base_the_student_trained_on(tiny_params_file, tiny_wan_dir, tmp_path):
+    """An int8-trained LoRA is loaded on the int8 base whatever params say, a float-trained one on the float base."""
+    from diffusers import WanTransformer3DModel
+
+    from dmd.evaluate import fuse_student_lora
+
+    trained = {"int8": load(tiny_params_file, INT8), "fp": load(tiny_params_file)}
+    dirs = {
+        k: export_student(_lora_student(p), p, tmp_path / k, ema=False, step=1) for k, p in trained.items()
+    }
+    # the reference: plain diffusers (+ optimum-quanto), the LoRA loaded on top
+    reference = {}
+    for name, base in (
+        ("int8", _plain_int8_base(tiny_wan_dir)),
+        ("fp", WanTransformer3DModel.from_pretrained(tiny_wan_dir, subfolder="transformer")),
+    ):
+        base.load_lora_adapter(
+            str(dirs[name]), weight_name="pytorch_lora_weights.safetensors", prefix="transformer"
+        )
+        reference[name] = _velocity(base)
+    # the two bases must give different results, or the comparisons below prove nothing
+    assert (reference["int8"] - reference["fp"]).abs().max() > 1e-3
+
+    for now in ("fp", "int8"):  # what params say at loading time
+        transformer, _ = load_student(dirs["int8"], trained[now])
+        assert is_int8(transformer)
+        torch.testing.assert_close(_velocity(transformer), reference["int8"], rtol=0, atol=1e-6)
+        assert not fuse_student_lora(transformer, trained[now])  # int8 weights cannot absorb the LoRA
+        transformer, _ = load_student(dirs["fp"], trained[now])
+        assert not is_int8(transformer)
+        torch.testing.assert_close(_velocity(transformer), reference["fp"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_int8_students_card_snippet_makes_the_video_dmd_sample_makes(
+    tiny_params_file, tmp_path, monkeypatch
+):
+    """A LoRA trained on an int8 base: the card's snippet, run exactly as printed, quantizes the base with
+    optimum-quanto before loading the LoRA and makes the video `dmd sample` makes, which is not the video of the same
+    LoRA on the float base."""
+    params = {
+        "int8": load(tiny_params_file, [*SINGLE_BLOCK, *INT8, "train.lora_rank=4", "train.lora_alpha=8"]),
+        "fp": load(tiny_params_file, [*SINGLE_BLOCK, "train.lora_rank=4", "train.lora_alpha=8"]),
+    }
+    # the same LoRA weights exported as trained on each base
+    dirs = {
+        k: export_student(_lora_student(p), p, tmp_path / k / "student", ema=False, step=7)
+        for k, p in params.items()
+    }
+    snippet = _card_snippet(dirs["int8"])
+    assert snippet.count("load_lora_weights") == 1
+    assert snippet.index("freeze(transformer)") < snippet.index("load_lora_weights")
+
+    monkeypatch.chdir(dirs["int8"].parent)
+    setup, call = snippet.split("video = pipe(")
+    namespace: dict = {}
+    exec(setup, namespace)
+    assert is_int8(namespace["pipe"].transformer)
+    torch.manual_seed(1)
+    exec("video = pipe(" + call, namespace)
+    torch.manual_seed(2)
+    # `dmd sample` of the int8 student, with params that name the float base: the card decides
+    (_, ours), (_, on_fp_base) = [
+        next(student_videos(params["fp"], dirs[k], ["a prompt"], 0)) for k in ("int8", "fp")
+    ]
+    theirs = to_uint8(namespace["video"])
+    assert theirs.shape == ours.shape == (21, 32, 32, 3)
+    # equal up to rounding at a colour level's boundary; on the tiny model the float base's video is within a level
+    # too, but in many more values, so the share of values that differ tells the two bases apart
+    assert np.abs(theirs.astype(int) - ours).max() <= 1
+    assert _share_differing(theirs, ours) < _share_differing(on_fp_base, ours) / 10
+
+
+def _share_differing(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a != b).mean())
 
 
 def test_load_student_names_a_directory_that_is_not_one(tiny_params, tmp_path):
