@@ -5,7 +5,8 @@ Layout of `cache.output_dir`:
     index.parquet          one row per usable sample of the current sources (see INDEX_COLUMNS)
     problems.parquet       every file left out: dataset, path, kind, reason, source_sha256, deleted
     meta.json              model identities, latent geometry, max_sequence_length, bucket pruning
-    summary.json           counts of the last run
+    summary.json           what the cache holds: sources, samples, problems by kind, buckets (a run's own counts
+                           and timings go to the log and the flow's result, so equal inputs give equal bytes)
     latents/<dataset>/     shard-<hash>.safetensors + shard-<hash>.parquet (its rows); per-dataset cache_dir
     text/                  negative.safetensors, empty.safetensors (key prompt_embeds, (1,L,D)), text shards
 
@@ -50,9 +51,24 @@ import torch
 from safetensors import safe_open
 
 from dmd.buckets import Bucket, bucket_size, frame_indices, meets_minimum_size, resize_clip
-from dmd.config import ModelConfig, Params, dump
-from dmd.datasets import PROBLEM_KINDS, Problem, Source, discover, file_problem, sniff_video
-from dmd.io import sha256_file, write_json, write_parquet, write_safetensors, write_text
+from dmd.config import ModelConfig, Params, dump_stage
+from dmd.datasets import (
+    PROBLEM_KINDS,
+    UNUSABLE_KINDS,
+    Problem,
+    Source,
+    discover,
+    file_problem,
+    sniff_video,
+)
+from dmd.io import (
+    remove_stale_temporaries,
+    sha256_file,
+    write_json,
+    write_parquet,
+    write_safetensors,
+    write_text,
+)
 from dmd.video import VideoReadError, read_video, video_info
 from dmd.wan import count_truncated, encode_prompts, load_text_encoder, load_vae
 
@@ -348,6 +364,9 @@ def plan_cache(params: Params) -> Plan:
     shard_dirs = sorted(
         {*(p for p in (out / "latents").glob("*") if p.is_dir()), *(s.settings.shard_dir for s in sources)}
     )
+    for folder in (out, *shard_dirs):  # the cache is kept across runs: a killed run's temporaries go now
+        for path in remove_stale_temporaries(folder):
+            log.info("removed %s, left by a run that was stopped", path)
     available = read_shard_tables(shard_dirs)
     if len(available):
         available = available.drop_duplicates("latent_key").set_index("latent_key", drop=False)
@@ -840,7 +859,17 @@ def finalize_cache(
         seconds=time.perf_counter() - plan.started,
         buckets=index["bucket"].value_counts().sort_index().to_dict(),
     )
-    write_json(out / "summary.json", {**summary.__dict__, "clips_per_second": summary.clips_per_second})
+    # what the cache holds, not what this run did: a rerun that changes nothing rewrites the same bytes
+    write_json(
+        out / "summary.json",
+        {
+            "sources": summary.sources,
+            "samples": summary.samples,
+            "teacher_latents": int((index["latents_from"] == "teacher").sum()),
+            "problems": summary.problems,
+            "buckets": summary.buckets,
+        },
+    )
     log.info("cache: %s", summary.line())
     return summary
 
@@ -849,12 +878,14 @@ def _problem_table(problems: list[Problem], problem_sha: dict[str, str], delete:
     rows = []
     for p in problems:
         deleted = False
-        if delete and Path(p.path).is_file():
+        if delete and p.kind in UNUSABLE_KINDS and Path(p.path).is_file():
             Path(p.path).unlink()
             deleted = True
             log.warning("deleted problematic file %s (%s)", p.path, p.kind)
         rows.append({**p.__dict__, "source_sha256": problem_sha.get(p.path), "deleted": deleted})
-    return pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype({"source_sha256": "string"})
+    table = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype({"source_sha256": "string"})
+    # one order whether a problem was found in this run or remembered from the last one
+    return table.sort_values(["dataset", "path", "kind"], kind="stable", ignore_index=True)
 
 
 def _remove_unreferenced(out: Path, shard_dirs: list[Path], index: pd.DataFrame) -> None:
@@ -893,7 +924,7 @@ def progress_line(results: list[ChunkResult], total_chunks: int) -> str:
 def write_effective_params(params: Params) -> Path:
     """The settings this cache was built with, beside it (`params.effective.yaml`)."""
     path = Path(params.cache.output_dir) / "params.effective.yaml"
-    write_text(path, dump(params))
+    write_text(path, dump_stage(params, "cache"))
     return path
 
 

@@ -6,16 +6,19 @@ schedulers, counters, and the structure of the optimizer states with their tenso
 written into a hidden temporary folder and renamed into place, so a folder named `checkpoint-*` is always
 complete and a run killed mid-write leaves only a hidden temporary, which the next run removes. Rotation runs
 after the new checkpoint is in place and keeps the newest `checkpoints_total_limit`, so it never deletes the
-newest complete one.
+newest complete one; it renames a checkpoint to a hidden name before deleting its files, so a kill mid-deletion
+leaves no half-deleted `checkpoint-*` either.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
+# checkpoint folder -> the open lock file of the run in this process that holds it
+_HELD: dict[Path, Any] = {}
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 _STALE = re.compile(rf"^\.{PREFIX}\d+(\..*\.tmp|\.old)$")
 
@@ -174,12 +180,65 @@ class CheckpointManager:
         state = unflatten_state(meta["state"], groups.pop("state", {}))
         return groups, state
 
+    def hold(self):
+        """Take the checkpoint folder for this run (an exclusive lock on `<root>/.lock`, held while the returned
+        file is open and released by the OS when the process ends, however it ends). A second run on the same
+        folder would resume, rotate and overwrite the first one's checkpoints: it stops here, naming the holder."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; runs are not guarded there
+            return None
+        self.root.mkdir(parents=True, exist_ok=True)
+        # a run in this process that ended with an exception may still hold it (its frame is referenced)
+        earlier = _HELD.pop(self.root.resolve(), None)
+        if earlier is not None:
+            earlier.close()
+        lock = open(self.root / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise CheckpointError(
+                f"{self.root} is in use by another training run (PID {holder}); wait for it to finish or stop "
+                "it, or give this run its own train.checkpoint_dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _HELD[self.root.resolve()] = lock
+        return lock
+
+    def move_aside(self, label: str, checkpoints: list[Path]) -> Path | None:
+        """Move `checkpoints` into `<root>/<label>-<time>/` (renames, nothing is deleted), where `latest` no
+        longer finds them and rotation no longer counts them; returns that folder (None when there is nothing)."""
+        if not checkpoints:
+            return None
+        aside = self.root / time.strftime(f"{label}-%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True, exist_ok=True)
+        for path in checkpoints:
+            os.replace(path, aside / path.name)
+        return aside
+
     def rotate(self) -> list[Path]:
-        """Delete the oldest complete checkpoints beyond the limit and leftovers of interrupted writes."""
+        """Delete the oldest complete checkpoints beyond the limit, folders named like a checkpoint that are not
+        one (no state file: an unusable leftover), and leftovers of interrupted writes and deletions.
+
+        A checkpoint is renamed to a hidden `.checkpoint-N.old` before its files are deleted: a run killed while
+        deleting leaves that hidden folder (removed here next time), never a `checkpoint-N` with files missing."""
         removed = []
         complete = self.checkpoints()
-        for path in complete[: max(len(complete) - self.total_limit, 0)]:
-            shutil.rmtree(path)
+        doomed = complete[: max(len(complete) - self.total_limit, 0)]
+        if self.root.is_dir():
+            doomed += [
+                p for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir() and p not in complete
+            ]
+        for path in doomed:
+            aside = path.with_name(f".{path.name}.old")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            shutil.rmtree(aside)
             removed.append(path)
         if self.root.is_dir():
             for path in self.root.iterdir():

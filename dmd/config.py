@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +30,12 @@ class ConfigError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # one line, the message a user reads first
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(
+                f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems)
+            )
 
 
 class Section(BaseModel):
@@ -70,10 +74,10 @@ class ToyConfig(Section):
     """The built-in toy video world (dmd/toy/world.py)."""
 
     seed: int = 0
-    height: int = 32
-    width: int = 32
+    height: int = Field(32, gt=0)
+    width: int = Field(32, gt=0)
     num_frames: int = 21
-    fps: int = 8
+    fps: int = Field(8, gt=0, description="Frame rate of the written mp4s.")
     num_held_out: int = Field(
         6, ge=1, description="Caption combinations kept out of training, for evaluation."
     )
@@ -82,6 +86,11 @@ class ToyConfig(Section):
     def _frames(self):
         _check_frames("toy.num_frames", self.num_frames)
         return self
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        return check_size(value)
 
 
 class ToyTeacherConfig(Section):
@@ -164,10 +173,10 @@ class GenerateConfig(Section):
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
     flow_shift: float | None = Field(None, gt=0, description="Defaults to model.flow_schedule_shift.")
-    height: int = 32
-    width: int = 32
+    height: int = Field(32, gt=0)
+    width: int = Field(32, gt=0)
     num_frames: int = 21
-    fps: int = 8
+    fps: int = Field(8, gt=0, description="Frame rate of the written mp4s.")
     batch_size: int = Field(15, ge=1, description="Videos per teacher call (a shard is sampled in batches).")
     seed: int = Field(
         0, description="Base seed; sample i's seed is a hash of (seed, i), so any shard regenerates alone."
@@ -202,6 +211,11 @@ class GenerateConfig(Section):
         1, ge=1, description="Missing shards each scheduled backfill run generates."
     )
 
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        return check_size(value)
+
     @model_validator(mode="after")
     def _shape(self):
         _check_frames("generate.num_frames", self.num_frames)
@@ -235,6 +249,11 @@ class DatasetConfig(Section):
         description="A folder of videos (searched recursively) with sidecar captions: clip.mp4 + clip.txt.",
     )
     caption_column: str = Field("prompt", description="Manifest column holding each video's caption.")
+    caption_strategy: Literal["textfile", "filename"] = Field(
+        "textfile",
+        description="Captions of an instance_data_dir, as SimpleTuner names them: textfile, the sidecar clip.txt; "
+        "filename, the file name with underscores as spaces (a_red_square.mp4 → 'a red square').",
+    )
     cache_dir: str | None = Field(
         None, description="Where this dataset's latent shards go; default: <cache.output_dir>/latents/<id>."
     )
@@ -289,7 +308,9 @@ class CacheConfig(Section):
         False, description="zstd-compress each tensor inside the safetensors shards (random access is kept)."
     )
     delete_problematic_images: bool = Field(
-        False, description="Delete the video files listed in problems.parquet (only when true)."
+        False,
+        description="Delete the files in problems.parquet that are no usable video at all (empty, not a video, "
+        "corrupt); valid videos left out for their caption, size or length are never deleted.",
     )
     disable_bucket_pruning: bool = Field(
         True,
@@ -535,7 +556,7 @@ class TrainConfig(Section):
         1,
         ge=1,
         description="Training processes (one per GPU, or CPU processes with gloo); above 1 the train flow starts "
-        "them with `accelerate launch`.",
+        "them with torchrun, every socket on loopback (dmd/launch.py).",
     )
     report_to: Literal["none", "wandb", "dvclive"] = Field(
         "dvclive",
@@ -660,6 +681,11 @@ class EvaluateConfig(Section):
             _check_frames("evaluate.num_frames", self.num_frames)
         return self
 
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, value: int | None) -> int | None:
+        return None if value is None else check_size(value)
+
     @property
     def clip_model_path(self) -> str | None:
         return self.clip_model or self.feature_model
@@ -703,6 +729,17 @@ def block_problems(dc: DistillationConfig, latent_frames: int) -> list[str]:
             f"(num_training_frames={dc.num_training_frames}); use one of {ok}"
         ]
     return []
+
+
+def check_size(pixels: int) -> int:
+    """A video height or width: Wan's VAE downsamples 8× and its transformer patches 2×2, so a multiple of 16."""
+    if pixels % 16:
+        lo = max(16, pixels // 16 * 16)
+        raise ValueError(
+            f"{pixels} is not a multiple of 16 (Wan's VAE downsamples 8× and its transformer patches 2×2); "
+            f"use {lo} or {lo + 16}"
+        )
+    return pixels
 
 
 def _check_frames(key: str, frames: int) -> None:
@@ -756,51 +793,55 @@ def validate(raw: dict, source: str = "params") -> Params:
         raise ConfigError(source, [_format_error(err, keys) for err in e.errors()]) from None
 
 
-class Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes` stay
-    strings, as DVC (which writes params.yaml for `dvc exp run -S`) reads and writes them."""
-
-
-Yaml12Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-Yaml12Loader.add_implicit_resolver(  # YAML 1.2 floats: 1e-5 is a number (1.1 wanted 1.0e-5)
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
 def load_yaml(text: str):
-    return yaml.load(text, Loader=Yaml12Loader)
+    """YAML 1.2, as DVC reads and writes params.yaml (`dvc exp run -S`): only true/false are booleans, so `no`,
+    `off` and `yes` stay strings, and `1e-5` is a number. ruamel.yaml's pure-Python loader speaks 1.2 (its C
+    loader and PyYAML speak 1.1)."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
 
 
 def read_raw(path: str | Path) -> dict:
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(
             str(path), [f"file not found; create it or pass --params FILE (see {Path('params.yaml')})"]
         )
     try:
-        raw = load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+        raw = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (at byte {e.start}); save it as UTF-8"]) from None
+    except YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {' '.join(str(e).split())}"]) from None
+    if raw is None or raw == {}:
+        # the built-in defaults are not the shipped params.yaml's: an empty file would silently run other settings
+        raise ConfigError(
+            str(path), ["no settings in it; start from the project's params.yaml (every key, with comments)"]
+        )
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["top level must be a mapping of sections (model:, train:, ...)"])
     return raw
 
 
-def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML), like `dvc exp run -S`."""
-    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+def override_value(text: str) -> Any:
+    """The value of one `--set section.key=VALUE`: VALUE read as YAML 1.2, as params.yaml is. An empty VALUE is
+    the empty string, as `dvc exp run -S key=` writes it; `null` is null. Commas need no quoting."""
+    from ruamel.yaml import YAMLError
+
+    if not text.strip():
+        return ""
+    try:
+        return load_yaml(text)
+    except YAMLError:
+        return text  # not YAML on its own (e.g. a stray quote): the text itself, for the typed check to judge
+
+
+def set_overrides(tree: dict, overrides: list[str] | None) -> None:
+    """Set `section.key=value` overrides in `tree` in place (a plain dict, or the round-trip mapping DVC's YAML
+    writer edits); a list entry is reached by its index, e.g. cache.datasets.0.num_frames."""
     problems = []
     for item in overrides or []:
         if "=" not in item:
@@ -808,9 +849,9 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
             continue
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        node = raw
+        node = tree
         for p in parts[:-1]:
-            if isinstance(node, list):  # a list entry by its index, e.g. cache.datasets.0.num_frames
+            if isinstance(node, list):
                 if not (p.isdigit() and int(p) < len(node)):
                     problems.append(f"--set {key}: '{p}' is not an index of that list (0–{len(node) - 1})")
                     break
@@ -821,7 +862,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                 problems.append(f"--set {key}: '{p}' is not a section")
                 break
         else:
-            leaf = load_yaml(value) if value.strip() else None
+            leaf = override_value(value)
             if isinstance(node, list):
                 if not (parts[-1].isdigit() and int(parts[-1]) < len(node)):
                     problems.append(f"--set {key}: '{parts[-1]}' is not an index of that list")
@@ -831,6 +872,12 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                 node[parts[-1]] = leaf
     if problems:
         raise ConfigError("--set", problems)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """A copy of `raw` with `section.key=value` overrides applied (see `set_overrides`)."""
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy of plain data
+    set_overrides(raw, overrides)
     return raw
 
 
@@ -871,3 +918,60 @@ def resolve_backends(params: Params, base: Path, source: str) -> Params:
 
 def dump(params: Params) -> str:
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What each stage reads
+
+
+# The settings each stage reads, as dvc.yaml lists them under its `params` (tests/test_dvc.py checks that the two
+# agree): a section, a key, or a sub-section.
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "toy_teacher": ("toy", "toy_teacher", "model.flow_schedule_shift", "model.max_sequence_length"),
+    "generate": ("generate", "toy", "model", "train.validation_negative_prompt"),
+    "cache": ("cache", "model", "generate.negative_prompt", "train.validation_negative_prompt"),
+    "train": (
+        "train", "model", "toy", "cache.output_dir", "generate.fps", "generate.prompts",
+        "evaluate.metrics_path", "evaluate.report_dir",
+    ),
+    "evaluate": (
+        "evaluate", "toy", "model", "train.output_dir", "train.model_type", "train.distillation_config",
+        "train.validation_negative_prompt", "generate.negative_prompt", "generate.height", "generate.width",
+        "generate.num_frames", "generate.fps",
+    ),
+}  # fmt: skip
+
+# Settings that change how a stage runs but not what it writes: parallelism, encoder batch sizes (cache keys leave
+# them out), retries, schedules, where progress is reported, how checkpoints are kept. They stay out of the
+# settings a stage records inside its outputs, so changing one of them moves no output's hash.
+RUN_SETTINGS = frozenset({
+    "generate.task_runner", "generate.workers", "generate.dask_address", "generate.retries",
+    "generate.retry_delay_seconds", "generate.backfill_interval_seconds", "generate.backfill_cron",
+    "generate.backfill_shards_per_run",
+    "cache.vae_batch_size", "cache.text_batch_size", "cache.num_workers",
+    "train.checkpoint_dir", "train.checkpoint_step_interval", "train.checkpoints_total_limit",
+    "train.resume_from_checkpoint", "train.max_consecutive_nonfinite", "train.webhook_config",
+    "train.tracker_project_name", "train.tracker_run_name", "train.push_checkpoints_to_hub",
+    "evaluate.warmup",
+})  # fmt: skip
+
+
+def stage_settings(params: Params, stage: str) -> dict:
+    """The settings `stage` reads (STAGE_SETTINGS) less RUN_SETTINGS, nested as in params.yaml."""
+    full = params.model_dump(mode="json")
+    out: dict = {}
+    for entry in STAGE_SETTINGS[stage]:
+        *parents, leaf = entry.split(".")
+        source, target = full, out
+        for name in parents:
+            source, target = source[name], target.setdefault(name, {})
+        target[leaf] = json.loads(json.dumps(source[leaf]))
+    for entry in RUN_SETTINGS:
+        section, key = entry.split(".")
+        out.get(section, {}).pop(key, None)
+    return out
+
+
+def dump_stage(params: Params, stage: str) -> str:
+    """`stage_settings` as YAML: what a stage writes as params.effective.yaml beside its outputs."""
+    return yaml.safe_dump(stage_settings(params, stage), sort_keys=False, allow_unicode=True)

@@ -3,7 +3,8 @@
 Two kinds of dataset (`cache.datasets[i]`):
 - `manifest`: the generate stage's output (`manifest.parquet` rows with `video` relative to the row's shard,
   optional exact `latents` / `noise` files), or any parquet in that format;
-- `instance_data_dir`: a folder of videos, each with a sidecar caption `clip.txt` beside `clip.mp4`.
+- `instance_data_dir`: a folder of videos, each with a sidecar caption `clip.txt` beside `clip.mp4`
+  (`caption_strategy: textfile`) or captioned by its file name (`caption_strategy: filename`).
 
 Files that cannot be used are returned as `Problem`s (never raised), so one bad file never stops the stage.
 """
@@ -52,6 +53,9 @@ PROBLEM_KINDS = (
     "missing_caption",  # no sidecar .txt / no caption in the manifest row
     "empty_caption",  # caption is blank
 )
+# Kinds whose file is unusable as video data at all: the only ones `cache.delete_problematic_images` deletes.
+# The others are valid videos left out for their caption, size or length, or files this process cannot read.
+UNUSABLE_KINDS = ("empty_file", "not_a_video", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -203,8 +207,17 @@ def _from_folder(
     root = Path(ds.instance_data_dir)
     if not root.is_dir():
         raise DatasetError(f"{key}.instance_data_dir: '{root}' is not a directory")
-    sources, problems = [], []
-    for video in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS):
+    videos, problems = _find_videos(settings.id, root)
+    sources = []
+    for video in videos:
+        if ds.caption_strategy == "filename":
+            caption = " ".join(video.stem.replace("_", " ").split())
+            problem = _caption_problem(settings.id, video, caption, "file name")
+            if problem:
+                problems.append(problem)
+            else:
+                sources.append(Source(settings, video, caption))
+            continue
         sidecar = video.with_suffix(".txt")
         try:
             caption = sidecar.read_text(encoding="utf-8") if sidecar.is_file() else None
@@ -219,6 +232,22 @@ def _from_folder(
             continue
         sources.append(Source(settings, video, caption.strip()))
     return sources, problems
+
+
+def _find_videos(dataset: str, root: Path) -> tuple[list[Path], list[Problem]]:
+    """Video paths under `root`, sorted (symlinked folders are not entered, as rglob does not), and a problem
+    for every folder that cannot be listed: the videos in it would otherwise vanish without a trace."""
+    found, problems = [], []
+
+    def unlistable(e: OSError) -> None:
+        path = Path(e.filename) if e.filename else root
+        problems.append(
+            Problem(dataset, str(path), "unreadable", f"{path}: folder cannot be listed ({e.strerror or e})")
+        )
+
+    for folder, dirs, files in os.walk(root, onerror=unlistable):
+        found += [Path(folder) / n for n in [*dirs, *files] if Path(n).suffix.lower() in VIDEO_EXTENSIONS]
+    return sorted(found), sorted(problems, key=lambda p: p.path)
 
 
 def file_problem(dataset: str, path: Path) -> Problem | None:

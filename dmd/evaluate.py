@@ -7,9 +7,11 @@ Three runs are compared (columns of the report, in this order):
 - `teacher_few`: the same sampler at the student's step count (the naive baseline distillation must beat);
 - `student`: the exported student (EMA weights when the export holds them) through `dmd.rollout.sample`.
 
-Each run first generates `evaluate.warmup` videos that are thrown away, then times every video phase by phase
-(text encoding, DiT, VAE decode), counts transformer evaluations with a forward hook and records peak memory.
-Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's samples and a CLIP score when
+The teacher and the student are loaded side by side and the runs interleaved video by video (`run_samplers`), so
+a change in the machine's load reaches all three alike. Each run first generates `evaluate.warmup` videos that are
+thrown away, then times every video phase by phase (text encoding, DiT, VAE decode), counts transformer
+evaluations with a forward hook and records the peak working memory; times are medians with their quartiles, and
+a speed-up is the median of the per-video ratios (`dmd.metrics.paired_speedup`). Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's samples and a CLIP score when
 `evaluate.feature_model` / `evaluate.clip_model` name a model.
 """
 
@@ -24,7 +26,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmd.config import Params
 from dmd.io import write_json
@@ -37,16 +38,21 @@ from dmd.metrics import (
     clip_score,
     frechet_distance,
     gap_closed,
+    module_mb,
+    paired_speedup,
     speedup,
     video_features,
 )
 from dmd.noise import initial_noise
+from dmd.progress import Progress
 from dmd.video import write_video
 
 log = logging.getLogger(__name__)
 
 RUNS = ("teacher_full", "teacher_few", "student")
 RUN_LABELS = {"teacher_full": "teacher full", "teacher_few": "teacher few-step", "student": "student"}
+DETAILS = "eval_details.json"  # beside eval.md: every figure of every run, as score_runs made them
+HEADLINE_JUDGE = ("accuracy_all", "sharpness", "fd", "diversity", "motion_consistency")
 
 
 class EvaluationError(ValueError):
@@ -298,9 +304,33 @@ def run_sampler(
     fps: int = 8,
     progress: bool = True,
 ) -> RunOutput:
-    """Generate every item with `sampler`; time phases, count NFE and peak memory after `warmup` discarded videos."""
+    """One run alone (see `run_samplers`)."""
+    return run_samplers(
+        {name: sampler}, decoder, items, noise_shape, device, warmup, videos_dir, fps, progress
+    )[name]
 
-    def generate(item: EvalItem, timer: PhaseTimer | None) -> np.ndarray:
+
+def run_samplers(
+    samplers: dict[str, Sampler],
+    decoder: LatentDecoder,
+    items: list[EvalItem],
+    noise_shape: tuple[int, ...],
+    device: torch.device,
+    warmup: int,
+    videos_dir: Path | None = None,
+    fps: int = 8,
+    progress: bool = True,
+) -> dict[str, RunOutput]:
+    """Generate every item with every sampler, interleaved: item by item, each run in turn, the order rotating from
+    one item to the next. A change in the machine's load then reaches every run alike, and each item gives one
+    paired timing of every run (`paired_speedup`). Before timing, `warmup` videos per run are thrown away.
+
+    Per run and video: phase times, NFE (a forward hook, active only while that run generates: the two teacher
+    runs share one transformer) and the peak working memory above what was resident before the video."""
+    names = list(samplers)
+
+    def generate(name: str, item: EvalItem, timer: PhaseTimer | None) -> np.ndarray:
+        sampler = samplers[name]
         phase = timer.phase if timer is not None else _no_phase
         noise = initial_noise(item.seed, noise_shape, device)
         with phase("text_encoding"):
@@ -311,38 +341,51 @@ def run_sampler(
             clip = decoder(latents)[0]
         return clip
 
-    timer = PhaseTimer(device)
-    clips = []
-    with PeakMemory(device) as memory:
+    for name in names:
         for _ in range(warmup):
-            generate(items[0], None)
-        with NFECounter(sampler.transformer) as nfe:
-            for item in tqdm(items, desc=name, unit="video", disable=not progress):
-                clips.append(generate(item, timer))
-                timer.end_video()
-    speed = SpeedStats(
-        nfe=nfe.samples / len(items),
-        seconds=timer.mean_seconds(),
-        peak_memory_mb=memory.mb,
-        peak_memory_kind=memory.kind,
-        timed_videos=len(items),
-        warmup_videos=warmup,
-        device=str(device),
-    )
-    videos = []
-    if videos_dir is not None:
-        videos = [write_video(videos_dir / name / f"{it.stem}.mp4", c, fps) for it, c in zip(items, clips)]
-    log.info(
-        "%s: %d videos, NFE %.1f, %.3f s/video end to end (DiT %.3f s), peak %.0f MiB (%s)",
-        name,
-        len(items),
-        speed.nfe,
-        speed.seconds["end_to_end"],
-        speed.seconds["dit"],
-        speed.peak_memory_mb,
-        speed.peak_memory_kind,
-    )
-    return RunOutput(name, sampler.steps, sampler.guidance, clips, videos, speed)
+            generate(name, items[0], None)
+    timers = {n: PhaseTimer(device) for n in names}
+    counters = {n: NFECounter(samplers[n].transformer) for n in names}
+    clips: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    peak = dict.fromkeys(names, 0.0)
+    kind = ""
+    with Progress(len(items), "evaluate", log, unit="item", enabled=progress) as bar:
+        for i, item in enumerate(items):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                with PeakMemory(device) as memory, counters[name]:
+                    clips[name].append(generate(name, item, timers[name]))
+                timers[name].end_video()
+                peak[name], kind = max(peak[name], memory.mb or 0.0), memory.kind
+            bar.update(1)
+    out = {}
+    for name in names:
+        speed = SpeedStats(
+            nfe=counters[name].samples / len(items),
+            seconds=timers[name].median_seconds(),
+            peak_memory_mb=peak[name],
+            peak_memory_kind=kind,
+            timed_videos=len(items),
+            warmup_videos=warmup,
+            device=str(device),
+            per_video=timers[name].videos,
+            weights_mb=module_mb(samplers[name].transformer),
+        )
+        videos = []
+        if videos_dir is not None:
+            videos = [
+                write_video(videos_dir / name / f"{it.stem}.mp4", c, fps) for it, c in zip(items, clips[name])
+            ]
+        log.info(
+            "%s: %d videos, NFE %.1f, median %.3f s/video end to end (DiT %.3f s), peak working memory %.0f MiB",
+            name,
+            len(items),
+            speed.nfe,
+            speed.seconds["end_to_end"],
+            speed.seconds["dit"],
+            speed.peak_memory_mb,
+        )
+        out[name] = RunOutput(name, samplers[name].steps, samplers[name].guidance, clips[name], videos, speed)
+    return out
 
 
 def load_teacher_pipeline(params: Params, device: torch.device):
@@ -378,12 +421,24 @@ def student_dir(params: Params) -> Path:
     return Path(params.evaluate.student_dir or params.train.output_dir)
 
 
+def read_student_card(params: Params) -> dict:
+    """The exported student's card (student.json); an EvaluationError that says how to make one when missing."""
+    from dmd.export import read_card
+
+    try:
+        return read_card(student_dir(params))
+    except FileNotFoundError as e:
+        raise EvaluationError(f"{e} (set by evaluate.student_dir, default train.output_dir)") from None
+
+
 def fuse_student_lora(transformer, params: Params) -> bool:
     """Merge a LoRA student into its base weights and drop the adapter layers (diffusers' fuse + unload), so it
     is timed as it would be deployed; returns whether it did."""
+    from dmd.wan import is_int8
+
     if not params.evaluate.fuse_lora or not getattr(transformer, "peft_config", None):
         return False
-    if params.model.base_model_precision == "int8-quanto":
+    if is_int8(transformer):  # the base load_student chose (the student's own), whatever params say
         log.info("student LoRA left unfused: int8-quanto base weights cannot absorb it")
         return False
     transformer.fuse_lora()
@@ -391,70 +446,58 @@ def fuse_student_lora(transformer, params: Params) -> bool:
     return True
 
 
-def run_student(
-    params: Params, items: list[EvalItem], device: torch.device, progress: bool = True
-) -> RunOutput:
-    from dmd.export import load_student, read_card
-    from dmd.wan import load_text_encoder, load_vae
+def load_student_sampler(
+    params: Params, device: torch.device, tokenizer, text_encoder
+) -> tuple[StudentSampler, dict]:
+    """The exported student (its LoRA merged when `evaluate.fuse_lora`) as a sampler, on the given text encoder;
+    and what the report says about it."""
+    from dmd.export import load_student
 
     path = student_dir(params)
-    try:
-        card = read_card(path)
-    except FileNotFoundError as e:
-        raise EvaluationError(f"{e} (set by evaluate.student_dir, default train.output_dir)") from None
+    card = read_student_card(params)
     transformer, schedule = load_student(path, params)
     fused = fuse_student_lora(transformer, params)
     transformer.to(device).eval().requires_grad_(False)
-    tokenizer, text_encoder = load_text_encoder(params.model, device)
-    vae = load_vae(params.model, device)
     sampler = StudentSampler(transformer, schedule, tokenizer, text_encoder, params.model.max_sequence_length)
+    info = {"dir": str(path), "ema": card.get("ema"), "sigmas": list(schedule.sigmas), "lora_fused": fused}
+    return sampler, info
+
+
+def run_all(
+    params: Params, items: list[EvalItem], device: torch.device, progress: bool = True
+) -> dict[str, RunOutput]:
+    """`teacher_full`, `teacher_few` (the teacher at the student's step count) and `student`, interleaved
+    (`run_samplers`). The teacher and the student are loaded side by side; the student uses the teacher's text
+    encoder and VAE (the same files), so only the transformer is held twice."""
+    ev = params.evaluate
+    read_student_card(params)  # a missing student fails before the teacher is loaded
+    pipe = load_teacher_pipeline(params, device)
+    student, info = load_student_sampler(params, device, pipe.tokenizer, pipe.text_encoder)
     video = VideoSpec.from_params(params)
-    torch.manual_seed(params.evaluate.seed)
-    out = run_sampler(
-        "student",
-        sampler,
-        LatentDecoder(vae),
+    teacher = {
+        name: TeacherSampler(
+            pipe, steps, ev.teacher_guidance, params.negative_prompt, params.model.max_sequence_length
+        )
+        for name, steps in (("teacher_full", ev.teacher_steps), ("teacher_few", student.steps))
+    }
+    torch.manual_seed(ev.seed)
+    runs = run_samplers(
+        {**teacher, "student": student},
+        LatentDecoder(pipe.vae),
         items,
-        latent_shape(transformer, vae, video),
+        latent_shape(pipe.transformer, pipe.vae, video),
         device,
-        params.evaluate.warmup,
-        Path(params.evaluate.videos_dir),
+        ev.warmup,
+        Path(ev.videos_dir),
         video.fps,
         progress,
     )
-    out.info = {
-        "dir": str(path),
-        "ema": card.get("ema"),
-        "sigmas": list(schedule.sigmas),
-        "lora_fused": fused,
-    }
-    del transformer, text_encoder, vae
-    _free(device)
-    return out
-
-
-def run_teacher(
-    params: Params, items: list[EvalItem], few_steps: int, device: torch.device, progress: bool = True
-) -> dict[str, RunOutput]:
-    """`teacher_full` and `teacher_few` from one loaded pipeline."""
-    ev = params.evaluate
-    pipe = load_teacher_pipeline(params, device)
-    video = VideoSpec.from_params(params)
-    shape = latent_shape(pipe.transformer, pipe.vae, video)
-    decoder = LatentDecoder(pipe.vae)
-    runs = {}
-    for name, steps in (("teacher_full", ev.teacher_steps), ("teacher_few", few_steps)):
-        sampler = TeacherSampler(
-            pipe, steps, ev.teacher_guidance, params.negative_prompt, params.model.max_sequence_length
-        )
-        torch.manual_seed(ev.seed)
-        runs[name] = run_sampler(
-            name, sampler, decoder, items, shape, device, ev.warmup, Path(ev.videos_dir), video.fps, progress
-        )
+    runs["student"].info = info
+    for name in teacher:
         runs[name].info = {"scheduler": pipe.scheduler.__class__.__name__}
-    del pipe
+    del pipe, student, teacher
     _free(device)
-    return runs
+    return {name: runs[name] for name in RUNS}
 
 
 def _free(device: torch.device) -> None:
@@ -480,8 +523,19 @@ def score_runs(
         run = runs[name]
         metrics[name] = {"steps": run.steps, "guidance": run.guidance, **run.speed.as_dict()}
     full, student = metrics["teacher_full"], metrics["student"]
-    metrics["speedup_end_to_end"] = speedup(full["seconds_per_video"], student["seconds_per_video"])
-    metrics["speedup_dit"] = speedup(full["dit_seconds_per_video"], student["dit_seconds_per_video"])
+    for name in RUNS:  # every run against the full teacher; the student's are the stage's headline
+        baseline, timed = runs["teacher_full"].speed.per_video, runs[name].speed.per_video
+        for key, phase, seconds in (("speedup_dit", "dit", "dit_seconds_per_video"),
+                                    ("speedup_end_to_end", None, "seconds_per_video")):  # fmt: skip
+            if baseline and len(baseline) == len(timed):  # per-video ratios of videos timed side by side
+                q1, median, q3 = paired_speedup(baseline, timed, phase)
+                metrics[name][key], metrics[name][f"{key}_quartiles"] = median, [q1, q3]
+            else:
+                metrics[name][key] = speedup(full[seconds], metrics[name][seconds])
+    for key in ("speedup_dit", "speedup_end_to_end"):
+        metrics[key] = student[key]
+        if f"{key}_quartiles" in student:
+            metrics[f"{key}_quartiles"] = student[f"{key}_quartiles"]
     metrics["nfe_ratio"] = full["nfe"] / student["nfe"]
 
     setup: dict = {}
@@ -567,13 +621,32 @@ def run_label(run: RunOutput) -> str:
     return f"{RUN_LABELS[run.name]} ({run.steps} steps{cfg})"
 
 
+def headline(metrics: dict) -> dict:
+    """What `evaluate.metrics_path` holds, the file DVC tracks (`dvc metrics show`, `dvc exp show`): the
+    comparison and the student's own figures. Every run's details (teacher timings, phases, memory, setup) are
+    in the report folder's DETAILS file."""
+    out = {key: metrics[key] for key in ("speedup_dit", "speedup_end_to_end", "nfe_ratio") if key in metrics}
+    if metrics.get("gap_closed"):
+        out["gap_closed"] = metrics["gap_closed"]
+    s = metrics["student"]
+    student = {"nfe": s["nfe"], "seconds_per_video": s["seconds_per_video"],
+               "dit_seconds_per_video": s["dit_seconds_per_video"]}  # fmt: skip
+    judge = s.get("judge", {})
+    student.update({k: judge[k] for k in HEADLINE_JUDGE if isinstance(judge.get(k), (int, float))})
+    student.update({k: s[k] for k in ("fd_to_teacher_full", "clip_score") if k in s})
+    out["student"] = student
+    return out
+
+
 def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> Path:
-    """metrics/eval.json and reports/eval.md (with its PNG grid and GIFs); returns the report's path."""
+    """metrics/eval.json (the headline), reports/eval_details.json (everything) and reports/eval.md (with its PNG
+    grid and GIFs); returns the report's path."""
     from dmd.export import STUDENT_CARD, write_model_card
     from dmd.report import write_report
 
     ev = params.evaluate
-    write_json(ev.metrics_path, metrics)
+    write_json(ev.metrics_path, headline(metrics))
+    write_json(Path(ev.report_dir) / DETAILS, metrics)
     if (student_dir(params) / STUDENT_CARD).is_file():  # an exported student: its card, with these figures
         write_model_card(
             student_dir(params), params, metrics=metrics, path=Path(ev.report_dir) / "model_card.md"
@@ -595,8 +668,7 @@ def evaluate(params: Params, progress: bool = True) -> dict:
     """Run the three runs, score them, write metrics, videos and the report; return the metrics."""
     device = pick_device()
     items = plan(params)
-    student = run_student(params, items, device, progress)
-    runs = {**run_teacher(params, items, student.steps, device, progress), "student": student}
+    runs = run_all(params, items, device, progress)
     metrics = score_runs(params, items, runs, device)
     write_outputs(params, items, runs, metrics)
     return metrics

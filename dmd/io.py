@@ -1,11 +1,16 @@
-"""Atomic artifact writes: everything goes to a temporary name in the same folder and is renamed into place."""
+"""Atomic artifact writes: everything goes to a temporary name in the same folder and is renamed into place.
+
+Temporary names carry the writer's process id (`.NAME.PID.XXXXXXXX.tmp[.SUFFIX]`), so a stage can remove what a
+killed run left behind without touching what a running one is writing (`remove_stale_temporaries`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +31,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -42,7 +47,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` (a complete unit), else is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -56,6 +61,44 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+# `.NAME.PID.XXXXXXXX.tmp[.SUFFIX]`, and `.NAME.XXXXXXXX.tmp[.SUFFIX]` as written before names carried the PID
+_TEMPORARY = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp(?:\.[^.]+)?$")
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process with this id exists (a writer, a lock holder)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders of atomic writes under `folder` whose writer is no longer running
+    (a killed run's leftovers); returns what was deleted. Temporaries of running writers are left alone."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            match = _TEMPORARY.match(name)
+            if match is None or (match["pid"] is not None and process_running(int(match["pid"]))):
+                continue
+            path = Path(root) / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -75,8 +118,27 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
 def write_safetensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ):
+    """Equal tensors and metadata give equal bytes, in every process (see `_canonical_header`)."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys.
+
+    safetensors writes `__metadata__` from a hash map whose order changes from one process to the next, so the
+    same tensors and metadata would give files of different bytes (and a moving DVC hash). The header is
+    re-serialised with sorted keys and padded with spaces (as safetensors pads it) to its old length; the
+    tensor data, whose offsets are relative to the header's end, is left where it is."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > length:  # escapes written differently; the header keeps the writer's own order
+            return
+        f.seek(8)
+        f.write(text.ljust(length))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +90,26 @@ class PhaseTimer:
 
     def mean_seconds(self) -> dict[str, float]:
         """Mean seconds per video of each phase, and `end_to_end`, their sum."""
+        return {n: float(np.mean(v)) for n, v in self.per_phase().items()}
+
+    def median_seconds(self) -> dict[str, float]:
+        """Median seconds per video of each phase, and `end_to_end` (the median of the per-video sums)."""
+        return {n: float(np.median(v)) for n, v in self.per_phase().items()}
+
+    def per_phase(self) -> dict[str, list[float]]:
+        """Seconds of every timed video, per phase and `end_to_end` (their sum), in the order timed."""
         if not self.videos:
             raise ValueError("no timed videos")
         names = sorted({k for v in self.videos for k in v}, key=lambda n: (n not in PHASES, n))
-        means = {n: float(np.mean([v.get(n, 0.0) for v in self.videos])) for n in names}
-        means["end_to_end"] = float(np.mean([sum(v.values()) for v in self.videos]))
-        return means
+        out = {n: [v.get(n, 0.0) for v in self.videos] for n in names}
+        out["end_to_end"] = [sum(v.values()) for v in self.videos]
+        return out
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile): a figure and its spread, robust to a few outliers."""
+    q1, median, q3 = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
+    return float(q1), float(median), float(q3)
 
 
 def _rss_kb(field_name: str) -> int | None:
@@ -176,25 +190,54 @@ class SpeedStats:
     """What one compared run cost, per video."""
 
     nfe: float
-    seconds: dict[str, float]  # phases of PHASES and end_to_end, mean per video
+    seconds: dict[str, float]  # phases of PHASES and end_to_end, median per video
     peak_memory_mb: float
     peak_memory_kind: str
     timed_videos: int
     warmup_videos: int
     device: str
+    per_video: list[dict[str, float]] = field(
+        default_factory=list
+    )  # every timed video's phases, in item order
+    weights_mb: float | None = None  # the transformer's parameters and buffers
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "nfe": self.nfe,
             "seconds_per_video": self.seconds["end_to_end"],
             "dit_seconds_per_video": self.seconds.get("dit", 0.0),
             "breakdown_seconds": {p: self.seconds.get(p, 0.0) for p in PHASES},
             "peak_memory_mb": self.peak_memory_mb,
             "peak_memory_kind": self.peak_memory_kind,
+            "transformer_weights_mb": self.weights_mb,
             "timed_videos": self.timed_videos,
             "warmup_videos": self.warmup_videos,
             "device": self.device,
         }
+        if self.per_video:
+            dit = [v.get("dit", 0.0) for v in self.per_video]
+            total = [sum(v.values()) for v in self.per_video]
+            out["dit_seconds_quartiles"] = list(quartiles(dit))
+            out["seconds_per_video_quartiles"] = list(quartiles(total))
+        return out
+
+
+def module_mb(module: torch.nn.Module) -> float:
+    """MiB held by a module's parameters and buffers (what its weights cost, whatever the device)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def paired_speedup(baseline: list[dict[str, float]], run: list[dict[str, float]], phase: str | None):
+    """(q1, median, q3) of the per-video ratios baseline / run of the same videos (same prompt and seed, timed
+    next to each other), for one phase or, with None, end to end."""
+
+    def seconds(v: dict[str, float]) -> float:
+        return sum(v.values()) if phase is None else v.get(phase, 0.0)
+
+    if len(baseline) != len(run) or not run:
+        raise ValueError(f"paired speed-up needs the same videos: {len(baseline)} against {len(run)}")
+    return quartiles([speedup(seconds(b), seconds(r)) for b, r in zip(baseline, run)])
 
 
 def dmd_step_pass_counts(distillation_config) -> dict[str, int]:

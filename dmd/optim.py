@@ -201,6 +201,15 @@ class TrainableGroup:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def set_base_lr(self, lr: float) -> None:
+        """A new peak learning rate for a resumed run: the schedule goes on from its step, scaled to `lr`
+        (transformers' schedules are base_lr × a factor of the step). Nothing changes when `lr` is the old one."""
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            if base != lr:
+                group["lr"] = group["lr"] / base * lr
+                group["initial_lr"] = lr
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+
     def update(self, loss_fn: Callable, batches: Sequence) -> UpdateResult:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), dtype=torch.float32)

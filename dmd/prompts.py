@@ -56,15 +56,26 @@ def load_prompt_library(source: str, toy: ToyConfig | None = None) -> list[Promp
     return _checked(str(path), reader(path))
 
 
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise PromptLibraryError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        ) from None
+
+
 def _read_txt(path: Path) -> list[Prompt]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_utf8(path).splitlines()
     rows = [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
     return [Prompt(str(i), text, n) for i, (n, text) in enumerate(rows)]
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

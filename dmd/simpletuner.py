@@ -15,6 +15,7 @@ from dmd.config import (
     DistillationConfig,
     ModelConfig,
     Params,
+    ToyTeacherConfig,
     TrainConfig,
     apply_overrides,
     read_raw,
@@ -37,6 +38,32 @@ CACHE_KEYS = set(CacheConfig.model_fields) & {
 }
 TRAIN_KEYS = set(TrainConfig.model_fields)
 DEFAULT_VIDEO_SOURCE = "data/teacher"
+TODO = "todo: "  # a note that asks the user to act before the imported settings can run
+WAN_FPS = 16  # the frame rate Wan 2.1 T2V was trained and samples at
+WAN_ASPECT = (832, 480)  # Wan 2.1's 480p frame (width, height), the aspect when the config names none
+
+# SimpleTuner data-backend keys (documentation/DATALOADER.md) → this project's dataset keys, where they mean the same.
+BACKEND_RENAMES = {"cache_dir_vae": "cache_dir", "disable": "disabled"}
+# SimpleTuner keys that have no setting here, with why dropping them is safe or what to do instead.
+BACKEND_DROPPED = {
+    "type": "only local folders are read (type: local)",
+    "crop_style": "crops are centred",
+    "crop_aspect": "clips are bucketed by their own aspect",
+    "crop_aspect_buckets": "clips are bucketed by their own aspect",
+    "maximum_image_size": "clips are resized straight to their bucket",
+    "target_downsample_size": "clips are resized straight to their bucket",
+    "minimum_aspect_ratio": "no aspect filter here",
+    "maximum_aspect_ratio": "no aspect filter here",
+    "metadata_backend": "videos are discovered by listing instance_data_dir",
+    "skip_file_discovery": "videos are discovered by listing instance_data_dir; the cache skips what it has",
+    "preserve_data_backend_cache": "the cache skips what it has (content-addressed keys)",
+    "probability": "every enabled dataset is sampled in proportion to its size (use repeats)",
+    "text_embeds": "text embeddings live in <cache.output_dir>/text/",
+    "image_embeds": "latents live in the dataset's cache_dir",
+    "write_batch_size": "the cache writes a shard per cache.chunk_size clips",
+    "disable_multiline_split": "a caption file is one caption here",
+    "default": "text embeddings live in <cache.output_dir>/text/",
+}
 
 
 def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict, list[str]]:
@@ -71,8 +98,72 @@ def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict,
                 f"train.{key}: '{raw['train'][key]}' must exist (relative to params.yaml) when training runs"
             )
     if backend is not None:
-        raw["cache"]["datasets"] = [_dataset(i, entry, notes) for i, entry in enumerate(backend)]
+        datasets = [_dataset(i, entry, notes) for i, entry in enumerate(backend)]
+        raw["cache"]["datasets"] = [d for d in datasets if d is not None]
+    _real_model(config, raw, notes)
     return raw, notes
+
+
+def _real_model(config: dict, raw: dict, notes: list[str]) -> None:
+    """A teacher other than the toy one: the toy world's defaults (32×32 clips of 21 frames, its captions) do not
+    fit it. Sizes come from the config and its datasets; prompts cannot, so the user is told to give them."""
+    model = raw["model"].get("pretrained_model_name_or_path")
+    if model is None or model == ToyTeacherConfig().output_dir:
+        return
+    height, width, frames, why = _video_size(config, raw)
+    raw.setdefault("generate", {}).update(height=height, width=width, num_frames=frames, fps=WAN_FPS)
+    notes.append(
+        f"generate.height/width/num_frames={height}/{width}/{frames}, fps={WAN_FPS}: {why}; the teacher generates "
+        "its videos at this size and evaluation samples at it; change them in the written file if you like"
+    )
+    library = raw["train"].get("validation_prompt_library")
+    if library and str(library).endswith(".json"):
+        raw.setdefault("evaluate", {})["prompts"] = library
+        notes.append(
+            f"evaluate.prompts: '{library}' (the validation prompt library) is what evaluation samples"
+        )
+    else:
+        notes.append(
+            f"{TODO}evaluate.prompts: set a JSON prompt library (a list of prompts, or name → prompt); 'toy' would "
+            "evaluate the toy world's captions at its 32×32 size"
+        )
+    notes.append(
+        f"{TODO}generate.prompts: set your prompt library (a .txt with one prompt per line, or .jsonl / .parquet "
+        f"with a prompt column): the teacher ({model}) generates the training videos from it, and the default "
+        "'toy' holds only the toy world's captions"
+    )
+
+
+def _video_size(config: dict, raw: dict) -> tuple[int, int, int, str]:
+    """(height, width, frames, why): the first enabled dataset's size and length (else the config's), at the
+    aspect of validation_resolution (else Wan's 832×480), in multiples of 16 and 4k+1 frames."""
+    from dmd.buckets import snap_frames
+
+    datasets = [d for d in raw["cache"].get("datasets", []) if not d.get("disabled")]
+    first = datasets[0] if datasets else {}
+    kind = first.get("resolution_type") or config.get("resolution_type") or "pixel_area"
+    resolution = first.get("resolution") or config.get("resolution") or WAN_ASPECT[1]
+    frames = first.get("num_frames") or config.get("validation_num_video_frames") or 81
+    aspect_w, aspect_h = WAN_ASPECT
+    shape = str(config.get("validation_resolution", "")).lower().split("x")
+    if len(shape) == 2 and all(p.isdigit() and int(p) > 0 for p in shape):
+        aspect_w, aspect_h = (int(p) for p in shape)
+    aspect = aspect_w / aspect_h
+    if kind == "pixel":  # the shorter edge
+        short = float(resolution)
+        height, width = (short, short * aspect) if aspect >= 1 else (short / aspect, short)
+    else:  # an area: pixel_area is a square's side in pixels, area is megapixels
+        area = float(resolution) ** 2 if kind == "pixel_area" else float(resolution) * 1e6
+        width = (area * aspect) ** 0.5
+        height = area / width
+    height, width = (max(16, round(v / 16) * 16) for v in (height, width))
+    snapped = snap_frames(int(frames), 4)
+    where = "the dataset's" if first.get("num_frames") else "validation_num_video_frames'"
+    why = (
+        f"{resolution:g} ({kind}) at the aspect of {aspect_w}x{aspect_h}, in multiples of 16, and {where} "
+        f"{frames} frames" + (f" snapped to {snapped} (4k+1)" if snapped != frames else "")
+    )
+    return height, width, snapped, why
 
 
 def _distillation(value: Any) -> tuple[dict, list[str]]:
@@ -116,20 +207,92 @@ def _reference_meanings(dc: dict) -> list[str]:
     return notes
 
 
-def _dataset(i: int, entry: dict, notes: list[str]) -> dict:
+def _dataset(i: int, entry: dict, notes: list[str]) -> dict | None:
+    """One data-backend entry, as SimpleTuner's users write them, as a cache dataset (None: nothing to cache).
+
+    Every key is mapped or reported: `dataset_type: text_embeds` / `image_embeds` entries only say where
+    SimpleTuner keeps its caches (here they live under cache.output_dir); the `video` block's num_frames is the
+    clip length; other keys are dropped with the reason."""
+    where = f"backend[{i}]" + (f" ({entry['id']})" if "id" in entry else "")
+    kind = entry.get("dataset_type", "video")
+    if kind in ("text_embeds", "image_embeds"):
+        notes.append(
+            f"{where}: dataset_type {kind} dropped: text embeddings and latents are cached under cache.output_dir "
+            "(cache_dir of a video dataset moves its latents)"
+        )
+        return None
+    if kind != "video":
+        notes.append(
+            f"{TODO}{where}: dataset_type {kind} dropped: this project trains on video datasets only"
+        )
+        return None
+    if entry.get("type", "local") != "local":
+        notes.append(
+            f"{TODO}{where}: type {entry['type']} dropped: only local folders are read; copy the data to a local "
+            "folder and add it as instance_data_dir"
+        )
+        return None
     known = set(DatasetConfig.model_fields)
-    out = {k: v for k, v in entry.items() if k in known}
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = BACKEND_RENAMES.get(key, key)
+        if key == "video":
+            _video_block(value, out, where, notes)
+        elif key == "caption_strategy" and value not in ("textfile", "filename"):
+            notes.append(
+                f"{TODO}{where}.caption_strategy: {value} is not supported; use textfile (clip.txt beside clip.mp4) "
+                "or filename"
+            )
+        elif key == "crop_style" and value == "center":
+            continue  # what crop does here
+        elif key == "type" and value == "local":
+            continue
+        elif key in BACKEND_DROPPED:
+            notes.append(f"{where}.{key}: not mapped ({BACKEND_DROPPED[key]}); value {value!r} dropped")
+        elif name in known and name != "dataset_type":
+            out[name] = value
+        elif key == "dataset_type":
+            continue
+        else:
+            notes.append(f"{where}.{key}: not mapped (no dataset setting of that name); dropped")
+    if entry.get("caption_strategy") == "textfile":
+        notes.append(
+            f"{where}.caption_strategy: textfile reads clip.txt beside clip.mp4 as one caption (SimpleTuner "
+            "would split it into one caption per line)"
+        )
     out.setdefault("id", f"dataset{i}")
-    for k in entry:
-        if k not in known:
-            notes.append(f"backend[{i}].{k}: not mapped (no dataset setting of that name); dropped")
     if "manifest" not in out and "instance_data_dir" not in out:
         out["manifest"] = DEFAULT_VIDEO_SOURCE
         notes.append(
-            f"backend[{i}] names no video source: set to the generate stage's output ({DEFAULT_VIDEO_SOURCE}); "
+            f"{where} names no video source: set to the generate stage's output ({DEFAULT_VIDEO_SOURCE}); "
             "for your own videos use instance_data_dir: FOLDER instead"
         )
     return out
+
+
+def _video_block(block: Any, out: dict, where: str, notes: list[str]) -> None:
+    """SimpleTuner's `video: {num_frames, min_frames, max_frames, is_i2v, ...}` of a video dataset."""
+    if not isinstance(block, dict):
+        notes.append(f"{where}.video: expected an object; dropped")
+        return
+    for key, value in block.items():
+        if key == "num_frames":
+            out["num_frames"] = value
+        elif key == "min_frames":
+            notes.append(
+                f"{where}.video.min_frames={value}: not mapped: clips shorter than num_frames are left out (listed "
+                "in problems.parquet as too_few_frames), so num_frames is the minimum"
+            )
+        elif key == "max_frames":
+            notes.append(
+                f"{where}.video.max_frames={value}: not mapped: longer clips are kept and their first num_frames "
+                "frames used"
+            )
+        elif key == "is_i2v":
+            if value:
+                notes.append(f"{TODO}{where}.video.is_i2v: true dropped: this project distils text-to-video")
+        else:
+            notes.append(f"{where}.video.{key}: not mapped (no clip setting of that name); dropped")
 
 
 def check_paths(params: Params, base: Path) -> list[str]:
@@ -142,6 +305,13 @@ def check_paths(params: Params, base: Path) -> list[str]:
         value = getattr(params.train, key)
         if value and not (base / value).exists():
             warnings.append(f"train.{key}: {value} not found; training will stop at start-up until it exists")
+    if params.model.pretrained_model_name_or_path != params.toy_teacher.output_dir:
+        for key in ("generate", "evaluate"):
+            if getattr(params, key).prompts == "toy":
+                warnings.append(
+                    f"{key}.prompts is 'toy', the toy world's captions, but the teacher is "
+                    f"{params.model.pretrained_model_name_or_path}; set it to your prompt library"
+                )
     return warnings
 
 
@@ -150,14 +320,22 @@ def config_command(args) -> int:
         path = Path(args.file)
         raw = apply_overrides(read_raw(path), args.overrides)
         params = resolve_backends(validate(raw, str(path)), path.parent, str(path))
-        for w in check_paths(params, path.parent):
+        warnings = check_paths(params, path.parent)
+        missing = [name for name in Params.model_fields if name not in raw]
+        if missing:
+            warnings.append(
+                f"section(s) {', '.join(missing)} not in the file: they take the built-in defaults, which are not "
+                "the shipped params.yaml's"
+            )
+        for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
         dc = params.train.distillation_config
         print(
-            f"{path}: OK — teacher {params.model.pretrained_model_name_or_path}, "
-            f"{len(dc.dmd_denoising_steps)}-step student {dc.dmd_denoising_steps}, "
-            f"{params.train.model_type} student, critic "
-            f"{'LoRA r=' + str(dc.fake_score_lora_rank) if dc.fake_score_lora_rank else 'full copy'}"
+            f"{path}: {'OK' if not warnings else f'valid, with {len(warnings)} warning(s)'} — teacher "
+            f"{params.model.pretrained_model_name_or_path}, {len(dc.dmd_denoising_steps)}-step student "
+            f"{dc.dmd_denoising_steps}, {params.train.model_type} student, critic "
+            f"{'LoRA r=' + str(dc.fake_score_lora_rank) if dc.fake_score_lora_rank else 'full copy'}; "
+            f"videos {params.generate.width}x{params.generate.height}, {params.generate.num_frames} frames"
         )
         return 0
 
@@ -176,13 +354,14 @@ def config_command(args) -> int:
             raise ConfigError(args.backend, ["must be a JSON list of dataset objects"])
     raw, notes = import_simpletuner(config, backend)
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note if note.startswith(TODO) else f"note: {note}", file=sys.stderr)
     problems: list[str] = []
     try:
         validate(raw, str(config_path))
     except ConfigError as e:
         problems = e.problems
-    text = "# Imported from " + config_path.name + " by `dmd config import-simpletuner`.\n" + dump_raw(raw)
+    todos = "".join(f"# {note}\n" for note in notes if note.startswith(TODO))
+    text = f"# Imported from {config_path.name} by `dmd config import-simpletuner`.\n{todos}" + dump_raw(raw)
     if args.output:
         from dmd.io import write_text
 

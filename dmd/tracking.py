@@ -108,9 +108,9 @@ class Tracker:
             media = {k: wandb.Image(str(p)) for k, p in images.items()}
             media.update({k: wandb.Video(str(p), fps=fps, format="mp4") for k, p in videos.items()})
             self.wandb.log(media, step=step)
-        if self.live is not None:
+        if self.live is not None:  # one file per step (<name>/<step>.png), which `dvc plots` orders by step
             for name, path in images.items():
-                self.live.log_image(f"{name}.png", str(path))
+                self.live.log_image(f"{name}/{step}.png", str(path))
 
     def finish(self) -> None:
         if self.wandb is not None:

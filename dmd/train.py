@@ -13,7 +13,8 @@ Length: `max_train_steps` when set; otherwise `num_train_epochs` × (batches per
 gradient_accumulation_steps). With both set, `ignore_final_epochs: true` lets max_train_steps decide and `false`
 ends at whichever comes first.
 
-Processes: run under `accelerate launch` (the train flow does that for `train.num_processes > 1`), every process
+Processes: run under torchrun (dmd/launch.py; the train flow does that for `train.num_processes > 1`, or
+`accelerate launch` across machines), every process
 holds all weights, gradients are averaged across processes before each update, and only the main process
 validates, writes checkpoints, tracks and exports.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmd.config import Params, TrainConfig, dump
 from dmd.optim import TrainableGroup, UpdateResult, build_lr_scheduler, build_optimizer
+from dmd.progress import Progress
 
 log = logging.getLogger("dmd.train")  # the same name under `python -m dmd.train`
 
@@ -46,7 +46,15 @@ RESUMABLE_CHANGES = {
     "checkpoint_step_interval", "checkpoints_total_limit", "resume_from_checkpoint", "report_to", "metrics_dir",
     "tracker_project_name", "tracker_run_name", "webhook_config", "push_to_hub", "push_checkpoints_to_hub",
     "hub_model_id", "disable_benchmark", "max_consecutive_nonfinite",
+    # the step sizes and clipping that a non-finite streak asks to lower before resuming its intact checkpoint
+    "learning_rate", "max_grad_norm",
 }  # fmt: skip
+RESUMABLE_DISTILLATION_CHANGES = {"fake_score_lr", "fake_score_grad_clip"}
+
+
+# Learning-rate schedules whose value at a step does not depend on the run's length: only under these does a
+# checkpoint of a run planned for another number of steps lie on this run's own trajectory.
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 class NonFiniteError(RuntimeError):
@@ -59,6 +67,7 @@ class RunState:
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
     wandb_run_id: str | None = None
+    total_steps: int | None = None  # the length the run was planned for (None: a checkpoint that predates it)
 
 
 def train(params: Params, *, progress: bool = True) -> Path:
@@ -95,7 +104,8 @@ def train(params: Params, *, progress: bool = True) -> Path:
     student, critic = build_groups(params, method, total_steps, acc)
     ema = EMA(student.params, cfg.ema_decay, cfg.ema_update_interval) if cfg.use_ema else None
     checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoints_total_limit)
-    state = resume(params, checkpoints, student, critic, ema, loader, acc.num_processes, main)
+    held = checkpoints.hold() if main else None  # one run per checkpoint folder; released when this run ends
+    state = resume(params, checkpoints, student, critic, ema, loader, acc.num_processes, main, total_steps)
     notify = Notifier(cfg.webhook_config, enabled=main)
     tracker = Tracker(cfg, params.model_dump(mode="json"), start_step=state.step, enabled=main,
                       wandb_run_id=state.wandb_run_id)  # fmt: skip
@@ -103,9 +113,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
     hub = HubPusher(cfg, enabled=main)
     validate = Validation(params, acc, roles, ema, tracker, notify) if main and has_validation(cfg) else None
     data = iter(loader)
-    bar = tqdm(
-        total=total_steps, initial=state.step, desc="train", unit="step", disable=not (main and progress)
-    )
+    bar = Progress(total_steps, "train", log, initial=state.step, enabled=main and progress)
     notify(
         "start", f"training {state.step}/{total_steps} steps on {acc.num_processes} process(es)", state.step
     )
@@ -124,12 +132,11 @@ def train(params: Params, *, progress: bool = True) -> Path:
                 if ema is not None and updates["student"].finite:
                     ema.step()
             updates["critic"] = critic.update(partial(method.critic_loss, generator=generator), batches)
-            check_finite(state, updates, step, cfg, checkpoints)
+            check_finite(state, updates, step, cfg, checkpoints, main)
             state.step = step + 1
             scalars = step_scalars(updates, student, critic, state, time.perf_counter() - started)
             tracker.log(scalars, state.step)
-            bar.update(1)
-            bar.set_postfix({k: f"{scalars[k]:.4g}" for k in ("dmd_loss", "fake_score_loss") if k in scalars})
+            bar.update(1, **{k: scalars[k] for k in ("dmd_loss", "fake_score_loss") if k in scalars})
             if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
                 save_checkpoint(checkpoints, state, student, critic, ema, loader, params, acc, notify, hub)
             if validate and state.step % cfg.validation_step_interval == 0:
@@ -162,6 +169,8 @@ def train(params: Params, *, progress: bool = True) -> Path:
         bar.close()
         tracker.finish()
         acc.end_training()
+        if held is not None:
+            held.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,9 +225,18 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 
 def check_finite(
-    state: RunState, updates: dict[str, UpdateResult], step: int, cfg: TrainConfig, checkpoints
+    state: RunState,
+    updates: dict[str, UpdateResult],
+    step: int,
+    cfg: TrainConfig,
+    checkpoints,
+    main: bool = True,
 ) -> None:
-    """Count a step with a non-finite loss or gradient (its update was skipped); stop after too many in a row."""
+    """Count a step with a non-finite loss or gradient (its update was skipped); stop after too many in a row.
+
+    No checkpoint is written during a streak (`save_checkpoint`). When the run stops, a checkpoint written right
+    before the streak holds the update that led into it and is moved aside (`nonfinite-<time>/`): the checkpoint
+    the message calls intact, and `latest` resumes, is from before that update."""
     bad = {name: u for name, u in updates.items() if not u.finite}
     if not bad:
         state.consecutive_nonfinite = 0
@@ -230,12 +248,20 @@ def check_finite(
         "step %d: non-finite %s; update skipped (%d in a row)", step, what, state.consecutive_nonfinite
     )
     if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+        first_bad = step - state.consecutive_nonfinite + 1  # checkpoint N holds the updates of steps 0..N-1
+        suspect = [p for p in checkpoints.checkpoints() if int(p.name.rsplit("-", 1)[1]) >= first_bad]
+        aside = checkpoints.move_aside("nonfinite", suspect) if main else None
         latest = checkpoints.latest()
+        moved = ""
+        if aside is not None:
+            names = ", ".join(p.name for p in suspect)
+            moved = f" {names}, written after the update that led into it, was moved to {aside}."
         raise NonFiniteError(
-            f"{state.consecutive_nonfinite} consecutive steps up to step {step} had a non-finite loss or gradient "
-            f"({what}). The last checkpoint, {latest or 'none'}, is intact. Lower train.learning_rate or "
-            "distillation_config.fake_score_lr, set train.max_grad_norm, or check the cache for bad latents; then "
-            "rerun (resume_from_checkpoint: latest continues from that checkpoint)."
+            f"{state.consecutive_nonfinite} consecutive steps from step {first_bad} to {step} had a non-finite loss "
+            f"or gradient ({what}).{moved} The last checkpoint, {latest or 'none'}, is intact. Lower "
+            "train.learning_rate or distillation_config.fake_score_lr, set train.max_grad_norm, or check the cache "
+            "for bad latents; then rerun (resume_from_checkpoint: latest continues from that checkpoint with the "
+            "new learning rates and clipping)."
         )
 
 
@@ -259,12 +285,20 @@ def step_scalars(updates: dict[str, UpdateResult], student, critic, state: RunSt
 
 def run_settings(params: Params, num_processes: int) -> dict:
     """The settings a checkpoint must share with the run that resumes it."""
-    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
-    validation = [k for k in train if k.startswith("validation_")]
-    for k in validation:
-        train.pop(k)
+    train = fixed_train_settings(params.train.model_dump(mode="json"))
     return {"train": train, "model": params.model.model_dump(mode="json"), "cache": params.cache.output_dir,
             "num_processes": num_processes}  # fmt: skip
+
+
+def fixed_train_settings(train: dict) -> dict:
+    """`train` settings less those a resumed run may change (RESUMABLE_CHANGES, validation_*); applied to a
+    checkpoint's recorded settings too, so checkpoints written before a key became resumable still resume."""
+    fixed = {k: v for k, v in train.items() if k not in RESUMABLE_CHANGES and not k.startswith("validation_")}
+    if isinstance(fixed.get("distillation_config"), dict):
+        fixed["distillation_config"] = {
+            k: v for k, v in fixed["distillation_config"].items() if k not in RESUMABLE_DISTILLATION_CHANGES
+        }
+    return fixed
 
 
 def _differences(a, b, prefix="") -> list[str]:
@@ -273,47 +307,55 @@ def _differences(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} → {b!r}"]
 
 
-def resume(params, checkpoints, student, critic, ema, loader, num_processes: int, main: bool) -> RunState:
-    """Load the checkpoint `resume_from_checkpoint` names into every part, or start fresh.
+def resume(
+    params, checkpoints, student, critic, ema, loader, num_processes: int, main: bool, total_steps: int
+) -> RunState:
+    """Load the checkpoint `resume_from_checkpoint` names into every part, or start fresh; log which and why.
 
-    `latest` resumes only a checkpoint of the same run (same settings except RESUMABLE_CHANGES, and the same
-    samples in the cache: `dvc repro` after a new teacher or new data rebuilds the cache under the same path);
-    checkpoints of another run are moved aside into `superseded-<time>/` so they neither get resumed nor rotate
-    the new ones out.
+    `latest` resumes only a checkpoint on this run's own trajectory: the same settings except RESUMABLE_CHANGES,
+    the same samples in the cache (`dvc repro` after a new teacher or new data rebuilds the cache under the same
+    path), and a step this run reaches. The length (max_train_steps / num_train_epochs) changes no step before
+    the end when the learning-rate schedule is one of LENGTH_FREE_SCHEDULES: a longer run continues a shorter
+    run's checkpoint, and a shorter run resumes the newest checkpoint at or before its own end, never one past
+    it (that would hand back a longer-trained student under the shorter run's name). A schedule that spans the
+    run's length resumes only a checkpoint planned for the same length. When nothing qualifies the checkpoints
+    are moved aside into `superseded-<time>/`, so they neither get resumed nor rotate the new ones out.
     """
-    from dmd.checkpoint import restore_rng_state
+    from dmd.checkpoint import CheckpointError, restore_rng_state
 
     cfg = params.train
     if main:
         checkpoints.rotate()  # leftovers of a write that was killed
     path = checkpoints.resolve(cfg.resume_from_checkpoint)
     settings = run_settings(params, num_processes)
-    if path is not None:
-        groups, state = checkpoints.load(path)
-        changed = _differences(state["settings"], settings)
-        if state["loader"]["fingerprint"] != loader.fingerprint:
-            changed.append(f"the samples in {params.cache.output_dir}, rebuilt since")
-        if changed and cfg.resume_from_checkpoint == "latest":
-            log.warning(
-                "%s was written with other settings (%s); starting a new run", path, "; ".join(changed)
+    if path is not None and cfg.resume_from_checkpoint == "latest":
+        path = _latest_on_trajectory(checkpoints, settings, loader, cfg, total_steps)
+    elif path is not None:
+        summary = _checkpoint_summary(path)
+        if summary["run"]["step"] > total_steps:
+            raise CheckpointError(
+                f"train.resume_from_checkpoint={cfg.resume_from_checkpoint!r}: {path} is at step "
+                f"{summary['run']['step']}, past this run's {total_steps} steps; resuming it would hand back a "
+                "longer-trained student. Resume an earlier checkpoint, train longer, or use 'latest'."
             )
-            path = None
-        elif changed:
-            log.warning("resuming %s although settings changed: %s", path, "; ".join(changed))
+        changed = _mismatches(summary, settings, loader, cfg, total_steps)
+        if changed:
+            log.warning("resuming %s although it differs: %s", path, "; ".join(changed))
     if path is None:
-        if main and checkpoints.checkpoints():
-            aside = checkpoints.root / time.strftime("superseded-%Y%m%d-%H%M%S")
-            aside.mkdir(parents=True)
-            for old in checkpoints.checkpoints():
-                shutil.move(str(old), str(aside / old.name))
+        aside = checkpoints.move_aside("superseded", checkpoints.checkpoints()) if main else None
+        if aside is not None:
             log.warning("moved the checkpoints of an earlier run to %s", aside)
-        return RunState()
+        log.info("training a new run of %d steps", total_steps)
+        return RunState(total_steps=total_steps)
+    groups, state = checkpoints.load(path)
     load_params(student.params, groups["student"], "student", path)
     load_params(critic.params, groups["critic"], "critic", path)
     student.optimizer.load_state_dict(state["optimizer_student"])
     critic.optimizer.load_state_dict(state["optimizer_critic"])
     student.scheduler.load_state_dict(state["scheduler_student"])
     critic.scheduler.load_state_dict(state["scheduler_critic"])
+    student.set_base_lr(cfg.learning_rate)  # a resumable change (RESUMABLE_CHANGES)
+    critic.set_base_lr(cfg.distillation_config.fake_score_lr)
     if ema is not None:
         if "ema" not in groups:
             raise ValueError(
@@ -322,8 +364,81 @@ def resume(params, checkpoints, student, critic, ema, loader, num_processes: int
         ema.load_state_dict(groups["ema"])
     loader.load_state_dict(state["loader"])
     restore_rng_state(state["rng"])
-    log.info("resumed from %s at step %d", path, state["run"]["step"])
-    return RunState(**state["run"])
+    for scheduler, key, value in (
+        (state["scheduler_student"], "train.learning_rate", cfg.learning_rate),
+        (
+            state["scheduler_critic"],
+            "train.distillation_config.fake_score_lr",
+            cfg.distillation_config.fake_score_lr,
+        ),
+    ):
+        before = scheduler.get("base_lrs", [value])[0]
+        if before != value:  # resumable (a non-finite streak asks for it), but the run then mixes the two
+            log.warning(
+                "%s: %s=%g from step %d on; the steps before it were taken at %g, so this run is not the one a "
+                "fresh start at %g would make", path, key, value, state["run"]["step"], before, value,
+            )  # fmt: skip
+    planned = state["run"].get("total_steps")
+    log.info(
+        "resumed from %s at step %d of %d%s", path, state["run"]["step"], total_steps,
+        f" (written by a run planned for {planned} steps; train.lr_scheduler={cfg.lr_scheduler} makes their steps "
+        "the same)" if planned not in (None, total_steps) else "",
+    )  # fmt: skip
+    return RunState(**{**state["run"], "total_steps": total_steps})
+
+
+def _checkpoint_summary(path: Path) -> dict:
+    """The plain part of a checkpoint's state (run counters, settings, data position), without its tensors."""
+    import json
+
+    from dmd.checkpoint import STATE_FILE
+
+    return json.loads((Path(path) / STATE_FILE).read_text())["state"]
+
+
+def _mismatches(summary: dict, settings: dict, loader, cfg: TrainConfig, total_steps: int) -> list[str]:
+    """Why the checkpoint `summary` is not on the trajectory of a run with `settings` and `total_steps`, apart
+    from lying past its end; empty when it is."""
+    saved = {**summary["settings"], "train": fixed_train_settings(summary["settings"]["train"])}
+    changed = _differences(saved, settings)
+    if summary["loader"]["fingerprint"] != loader.fingerprint:
+        changed.append(f"the samples in {settings['cache']}, rebuilt since")
+    planned = summary["run"].get("total_steps")
+    if cfg.lr_scheduler not in LENGTH_FREE_SCHEDULES and planned != total_steps:
+        changed.append(
+            f"planned for {planned or 'an unrecorded number of'} steps, this run for {total_steps}: "
+            f"train.lr_scheduler={cfg.lr_scheduler} spans the run's length, so every step differs"
+        )
+    return changed
+
+
+def _latest_on_trajectory(
+    checkpoints, settings: dict, loader, cfg: TrainConfig, total_steps: int
+) -> Path | None:
+    """The newest checkpoint this run can continue (see `resume`), or None after logging why there is none."""
+    found = checkpoints.checkpoints()
+    newest = found[-1]
+    changed = _mismatches(_checkpoint_summary(newest), settings, loader, cfg, total_steps)
+    if changed:
+        log.warning("%s was written with other settings (%s); starting a new run", newest, "; ".join(changed))
+        return None
+    for path in reversed(found):
+        summary = _checkpoint_summary(path)
+        if summary["run"]["step"] <= total_steps and not _mismatches(
+            summary, settings, loader, cfg, total_steps
+        ):
+            if path != newest:
+                log.warning(
+                    "%s is at step %d, past this run's %d steps; resuming the newest checkpoint at or before "
+                    "the end instead: %s", newest, _checkpoint_summary(newest)["run"]["step"], total_steps, path,
+                )  # fmt: skip
+            return path
+    log.warning(
+        "%s is at step %d, past this run's %d steps (train.max_train_steps / num_train_epochs), and no earlier "
+        "checkpoint is at or before step %d; starting a new %d-step run rather than handing back a longer-trained "
+        "student", newest, _checkpoint_summary(newest)["run"]["step"], total_steps, total_steps, total_steps,
+    )  # fmt: skip
+    return None
 
 
 def load_params(params: list[torch.Tensor], saved: dict[str, torch.Tensor], what: str, path: Path) -> None:
@@ -358,9 +473,19 @@ def verify_replicas(acc, student: TrainableGroup, critic: TrainableGroup) -> Non
 
 
 def save_checkpoint(checkpoints, state, student, critic, ema, loader, params, acc, notify, hub) -> None:
-    """Main process writes; all processes hold the same weights (checked), so one copy is the run's state."""
+    """Main process writes; all processes hold the same weights (checked), so one copy is the run's state.
+
+    Not during a non-finite streak, and not with non-finite weights: a checkpoint is a state to go back to.
+    Every process takes the same decision (the same counters, identical replicas)."""
     from dmd.checkpoint import capture_rng_state
 
+    if state.consecutive_nonfinite:
+        log.warning("step %d: no checkpoint during a run of non-finite steps", state.step)
+        return
+    weights = [*student.params, *critic.params, *(ema.shadow if ema is not None else [])]
+    if not all(bool(torch.isfinite(p).all()) for p in weights):
+        log.warning("step %d: no checkpoint, the weights hold non-finite values", state.step)
+        return
     verify_replicas(acc, student, critic)
     if not acc.is_main_process:
         return
@@ -369,7 +494,8 @@ def save_checkpoint(checkpoints, state, student, critic, ema, loader, params, ac
     if ema is not None:
         groups["ema"] = ema.state_dict()
     run = {"step": state.step, "consecutive_nonfinite": state.consecutive_nonfinite,
-           "skipped_steps": state.skipped_steps, "wandb_run_id": state.wandb_run_id}  # fmt: skip
+           "skipped_steps": state.skipped_steps, "wandb_run_id": state.wandb_run_id,
+           "total_steps": state.total_steps}  # fmt: skip
     path = checkpoints.save(state.step, groups, {
         "run": run, "settings": run_settings(params, acc.num_processes), "loader": loader.state_dict(),
         "optimizer_student": student.optimizer.state_dict(), "optimizer_critic": critic.optimizer.state_dict(),
@@ -406,13 +532,16 @@ class Validation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dmd.train PARAMS [section.key=value ...]`: one training process (what `accelerate launch` runs)."""
+    """`python -m dmd.train PARAMS [section.key=value ...]`: one training process (what dmd.launch runs)."""
     from dmd.config import load
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print("usage: python -m dmd.train PARAMS_FILE [section.key=value ...]", file=sys.stderr)
         return 2
+    from dmd.process import stop_with_parent
+
+    stop_with_parent()  # a worker whose launcher was killed stops, instead of training on as an orphan
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     params = load(argv[0], argv[1:])
     log.debug("effective settings:\n%s", dump(params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import av
@@ -92,11 +93,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 1
         with av.open(str(tmp), "w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            # one encoder thread: x264 output is then byte-identical run to run (threaded lookahead is not)
+            # one encoder thread (threaded lookahead is not deterministic) and no AVX-512 kernels: with those,
+            # the same frames gave different files from one write to the next
             stream.options = {
                 "crf": str(crf),
                 "preset": "medium",
-                "x264-params": "threads=1:lookahead-threads=1",
+                "x264-params": ":".join(["threads=1", "lookahead-threads=1", *_x264_asm()]),
             }
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
@@ -104,6 +106,18 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 1
             for packet in stream.encode():
                 out.mux(packet)
     return path
+
+
+@functools.lru_cache(maxsize=1)
+def _x264_asm() -> list[str]:
+    """x264's `asm` option: its AVX2 kernels on a CPU with AVX-512 (every such CPU has AVX2, FMA3 and BMI2),
+    else nothing, so x264 picks its kernels itself. x264 does not check a given list against the CPU, so the
+    list is only given where /proc/cpuinfo shows the CPU has it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return []
+    return ["asm=AVX2,BMI2"] if " avx512f " in flags.replace("\n", " ") else []
 
 
 def _check_file(path: Path) -> None:

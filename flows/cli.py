@@ -1,15 +1,22 @@
 """The `dmd` command. Each stage command runs that stage's Prefect flow; the others call the library directly.
 
-Every stage command takes `--params FILE` (default params.yaml) and repeatable `--set section.key=value`.
+Every stage command takes `--params FILE` (default params.yaml) and repeatable `--set section.key=value`. The
+settings are read and checked before Prefect starts, so a bad key or value ends with one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
-from dmd.config import ConfigError
+from dmd.config import ConfigError, load
+
+# Telemetry is off unless the user chose otherwise: the pipeline is meant to run offline, where every attempt to
+# send it ends in an error line. Set before Prefect or DVC is imported, which read them once.
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
 
 # command -> "module:function"; modules are imported only when their command runs
 HANDLERS = {
@@ -25,6 +32,12 @@ HANDLERS = {
     "judge": "dmd.toy.judge:main",
     "wan-skeleton": "dmd.skeleton:main",
 }
+SET_HELP = (
+    "override one setting (repeatable); VALUE is read as YAML 1.2, as in params.yaml: `key=a red square, moving` "
+    "is that text, `key=` the empty string, `key=null` null, `key=[1000, 757]` a list; checked like the file"
+)
+# The commands that run Prefect flows (the others never import Prefect).
+FLOW_COMMANDS = {"toy-teacher", "generate", "backfill", "cache", "train", "evaluate", "pipeline", "serve"}
 
 
 def _settings(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,20 +48,43 @@ def _settings(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one setting, typed and validated like the file (repeatable)",
+        help=SET_HELP,
     )
     return p
 
 
+class _Commands:
+    """`add_parser` that also shows the one-line help as the command's own `--help` description."""
+
+    def __init__(self, subparsers):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, *, help: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+        return self.subparsers.add_parser(name, help=help, **kwargs)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dmd-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmd", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
 
     config = sub.add_parser("config", help="check or import settings")
-    csub = config.add_subparsers(dest="config_command", required=True)
+    csub = _Commands(config.add_subparsers(dest="config_command", required=True, metavar="COMMAND"))
     v = csub.add_parser("validate", help="validate a params file; one message per problem")
     v.add_argument("file", nargs="?", default="params.yaml")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    v.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=SET_HELP
+    )
     imp = csub.add_parser("import-simpletuner", help="turn a SimpleTuner-style config.json into params.yaml")
     imp.add_argument("config_json")
     imp.add_argument("--backend", help="its multidatabackend.json")
@@ -71,12 +107,43 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--start-at", help="ISO time of the first run (default: now)")
     b.add_argument("--every", default="0s", help="spacing between runs, e.g. 10m, 1h (default: all at once)")
     _settings(sub.add_parser("cache", help="encode VAE latents and T5 embeddings into the cache"))
-    _settings(sub.add_parser("train", help="DMD-train the few-step student"))
-    _settings(sub.add_parser("evaluate", help="compare student and teacher: speed, quality, report"))
-    pl = _settings(sub.add_parser("pipeline", help="run the whole DAG (dvc repro) as the dmd-pipeline flow"))
+    _settings(
+        sub.add_parser(
+            "train",
+            help="DMD-train the few-step student",
+            description="DMD-train the few-step student from the cache and export it to train.output_dir. With "
+            "train.resume_from_checkpoint: latest it continues the newest checkpoint of the same run that lies at "
+            "or before train.max_train_steps, and says which; a checkpoint of other settings, or past the end, "
+            "is moved aside and training starts afresh.",
+        )
+    )
+    _settings(
+        sub.add_parser(
+            "evaluate",
+            help="compare student and teacher: speed, quality, report",
+            description="Sample the student, the teacher at full steps with CFG and the teacher at the student's "
+            "step count on the same prompts and noise; write evaluate.metrics_path and evaluate.report_dir/eval.md.",
+        )
+    )
+    pl = _settings(
+        sub.add_parser(
+            "pipeline",
+            help="run the whole DAG (dvc repro) as the dmd-pipeline flow",
+            description="Run the dmd-pipeline flow: --set values are written into params.yaml (as `dvc exp run "
+            "-S` writes them), then each stage is reproduced with `dvc repro --single-item`, in DAG order. Uses "
+            "the Prefect server at PREFECT_API_URL, or a temporary one.",
+        )
+    )
     pl.add_argument("--target", default=None, help="stop after this stage (default: all)")
     _settings(
-        sub.add_parser("serve", help="serve the deployments (dmd-pipeline/default, backfill) with a runner")
+        sub.add_parser(
+            "serve",
+            help="serve the deployments (dmd-pipeline/default, backfill) with a runner",
+            description="Serve dmd-pipeline/default (runs on demand) and generate-teacher-data/backfill, which is "
+            "scheduled: every generate.backfill_interval_seconds (or generate.backfill_cron) it generates the next "
+            "generate.backfill_shards_per_run missing teacher shards. Set both to null to serve it unscheduled. "
+            "Needs a Prefect server (PREFECT_API_URL).",
+        )
     )
 
     s = _settings(sub.add_parser("sample", help="generate videos with a trained student"))
@@ -130,17 +197,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
             from dmd import simpletuner
 
             return simpletuner.config_command(args)
+        if hasattr(args, "overrides"):
+            load(args.params, args.overrides)  # bad settings end here, before any flow or model is loaded
         module, func = HANDLERS[args.command].split(":")
-        return getattr(importlib.import_module(module), func)(args) or 0
+        handler = getattr(importlib.import_module(module), func)
+        if args.command not in FLOW_COMMANDS:
+            return handler(args) or 0
+        from dmd.process import stop_children_with_this_process, stop_with_parent
+        from flows.logs import route_library_logs
+
+        stop_with_parent()  # a killed `dvc repro` or pipeline run takes its stage with it, instead of an orphan
+        stop_children_with_this_process()  # and a killed stage its temporary Prefect server, workers, launchers
+        route_library_logs()
+        with _links_only_to_a_lasting_server():
+            return handler(args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _links_only_to_a_lasting_server():
+    """Without a configured Prefect server a flow runs on a temporary one that stops with the command, so the
+    "View at http://…" links Prefect prints would lead nowhere: leave them out."""
+    from prefect.settings import PREFECT_UI_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    with temporary_settings({PREFECT_UI_URL: ""}):
+        yield
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 `generate-teacher-data/backfill`).
 
 `dmd generate [--shards A:B]` maps the shard task over the shards of A:B (default: the whole target) that are
-missing or stale, logs progress, and writes the top-level manifest and params.effective.yaml. The task runner is
+missing or stale, logs progress, and writes the top-level manifest and params.effective.yaml (the settings the
+stage reads, so a run that generates nothing rewrites the same bytes). The task runner is
 `generate.task_runner`: threads in this process, or Dask (a local cluster, or `generate.dask_address`) to spread
 shards over machines.
 
@@ -30,7 +31,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmd.config import GenerateConfig, Params, dump, load
+from dmd.config import GenerateConfig, Params, dump_stage, load
 from dmd.generate import (
     GenerationError,
     GenerationPlan,
@@ -40,7 +41,7 @@ from dmd.generate import (
     settings_hash,
     write_manifest,
 )
-from dmd.io import write_text
+from dmd.io import remove_stale_temporaries, write_text
 from dmd.prompts import PromptLibraryError
 from dmd.wan import ModelNotFoundError
 from tasks.generate import GPU_LIMIT, generate_shard_task
@@ -61,10 +62,11 @@ def generate_teacher_data(
     logger = get_run_logger()
     params = load(params_file, overrides)
     plan = prepare(params)
+    remove_stale_temporaries(plan.output_dir)  # what killed runs were writing; running ones' are kept
     todo = missing_shards(plan, parse_shard_range(shards, plan.num_shards))
     if max_shards is not None:
         todo = todo[:max_shards]
-    write_text(plan.output_dir / "params.effective.yaml", dump(params))
+    write_text(plan.output_dir / "params.effective.yaml", dump_stage(params, "generate"))
     logger.info(
         "%d shard(s) to generate of %s (target: %d shards, %d videos) into %s",
         len(todo),
@@ -138,7 +140,15 @@ def _task_runner(cfg: GenerateConfig):
 
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1})
+        # scheduler, workers and dashboard on loopback only (the dashboard would listen on every interface)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": cfg.workers,
+                "threads_per_worker": 1,
+                "host": "127.0.0.1",
+                "dashboard_address": "127.0.0.1:0",
+            }
+        )
     return ThreadPoolTaskRunner(max_workers=cfg.workers)
 
 
@@ -197,15 +207,20 @@ def backfill_deployment(params_file: str = "params.yaml", overrides: list[str] |
 
 
 def parse_duration(text: str) -> timedelta:
-    """'90s', '10m', '1h30m', '2d' or a number of seconds."""
+    """'90s', '10m', '1h30m', '2d', '1 day 6 hours' (pandas' Timedelta reads them), or a number of seconds."""
+    import pandas as pd
+
     text = text.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return timedelta(seconds=float(text))
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd])", text)
-    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd])", "", text).strip():
+    try:
+        value = pd.Timedelta(seconds=float(text))
+    except ValueError:
+        try:  # pandas spells days 'D' ('d' is deprecated there)
+            value = pd.Timedelta(re.sub(r"(?<=\d)\s*d(?![a-z])", "D", text))
+        except ValueError:
+            value = None
+    if value is None or pd.isna(value) or value < pd.Timedelta(0):
         raise GenerationError(f"--every {text!r}: expected a duration such as 90s, 10m, 1h30m or 2d")
-    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
+    return value.to_pytimedelta()
 
 
 def parse_time(text: str | None) -> datetime:

@@ -4,10 +4,11 @@ One Prefect task per stage runs `dvc repro --single-item <stage>` in the workspa
 itself would use, and streams the stage's output into the run's logs line by line. So `dvc repro`,
 `dmd pipeline` and the `dmd-pipeline/default` deployment all leave the same dvc.lock.
 
-Overrides (`--set section.key=value`, or the deployment's `overrides` parameter) are written into params.yaml
-with DVC's own `-S` code, exactly as `dvc exp run -S` writes them, before any stage runs: dvc.lock must
-describe the settings the outputs were made with, and params.yaml is where DVC reads them. They are checked
-against the typed settings first; if the result does not validate, params.yaml is left as it was.
+Overrides (`--set section.key=value`, or the deployment's `overrides` parameter) are read as every `dmd --set`
+reads them and written into params.yaml with DVC's own YAML writer, as `dvc exp run -S` writes them, before any
+stage runs: dvc.lock must describe the settings the outputs were made with, and params.yaml is where DVC reads
+them. They are checked against the typed settings first; if the result does not validate, params.yaml is left as
+it was.
 
 Only one DVC operation runs at a time per workspace: with a Prefect server, runs queue on a global
 concurrency limit named after the workspace (created on first use); DVC's own lock is the last line of
@@ -29,8 +30,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
+from pydantic import SecretStr
 
-from dmd.config import ConfigError, load
+from dmd.config import ConfigError, load, set_overrides
+from dmd.io import process_running
 
 PARAMS_FILE = "params.yaml"  # the file dvc.yaml's `params:` entries are read from
 # Retries per stage, where a rerun can succeed and resumes rather than restarts: generation keeps finished
@@ -115,24 +118,51 @@ def workspace_limit_name(workspace: Path) -> str:
 
 
 def lock_holders(workspace: Path) -> list[str]:
-    """Who holds DVC's locks in `workspace`, one line per process, from `.dvc/tmp/rwlock`."""
+    """Who holds DVC's locks in `workspace`, one line per process: the repository lock's holder and the stage
+    locks recorded in `.dvc/tmp/rwlock`. An entry of a process that no longer runs is marked as stale (DVC drops
+    such entries itself when it next takes a lock); an unreadable rwlock is reported as such."""
+    tmp = workspace / ".dvc" / "tmp"
+    lines = []
+    repo_lock = _repository_lock_holder(tmp / "lock")
+    if repo_lock is not None:
+        lines.append(f"PID {repo_lock} holds the repository lock .dvc/tmp/lock")
     try:
-        lock = json.loads((workspace / ".dvc" / "tmp" / "rwlock").read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
+        lock = json.loads((tmp / "rwlock").read_text())
+    except FileNotFoundError:
+        return lines
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return [*lines, f"{tmp / 'rwlock'} is damaged: {RWLOCK_HINT}"]
     holders: dict[int, dict] = {}
     for mode in ("write", "read"):
         for path, infos in lock.get(mode, {}).items():
             for info in infos if isinstance(infos, list) else [infos]:
                 entry = holders.setdefault(int(info["pid"]), {"cmd": info["cmd"], "write": [], "read": []})
                 entry[mode].append(os.path.relpath(path, workspace) if os.path.isabs(path) else path)
-    lines = []
     for pid, entry in sorted(holders.items()):
         what = "; ".join(
             f"{mode}s {', '.join(sorted(entry[mode]))}" for mode in ("write", "read") if entry[mode]
         )
-        lines.append(f"PID {pid} ({entry['cmd']}) {what}")
+        stale = (
+            "" if process_running(pid) else " (not running any more: a stale entry, not what blocks this run)"
+        )
+        lines.append(f"PID {pid} ({entry['cmd']}) {what}{stale}")
     return lines
+
+
+RWLOCK_HINT = (
+    "DVC cannot read its lock file (a DVC process killed while writing it, or a full disk). If no DVC command "
+    "is running in this workspace, delete .dvc/tmp/rwlock and run again; DVC recreates it."
+)
+RWLOCK_MESSAGES = ("Unable to read RWLock-file",)
+
+
+def _repository_lock_holder(path: Path) -> int | None:
+    """The PID zc.lockfile writes into DVC's repository lock, when a running process holds it."""
+    try:
+        pid = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and process_running(pid) else None
 
 
 def busy_message(workspace: Path, stage: str, dvc_line: str) -> str:
@@ -168,12 +198,18 @@ def _child_env() -> dict[str, str]:
     the Prefect API this run talks to, so the stage flows report to the same server instead of each
     starting a temporary one."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from flows.logs import UNSTAMPED_CONSOLE_FORMATS
 
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     with get_client(sync_client=True) as client:
         env["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    if get_current_settings().ui_url == "":  # a temporary server: no links to it (flows.cli)
+        env["PREFECT_UI_URL"] = ""
+    env.update(UNSTAMPED_CONSOLE_FORMATS)  # the task's log stamps each copied line
     return env
 
 
@@ -187,7 +223,7 @@ def reproduce_stage(stage: str, workspace: str) -> str:
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    busy_line = None
+    busy_line = damaged_lock = None
     outcome = "up to date"
     proc = subprocess.Popen(
         cmd,
@@ -208,6 +244,8 @@ def reproduce_stage(stage: str, workspace: str) -> str:
         tail.append(line)
         if any(m in line for m in LOCK_MESSAGES):
             busy_line = line
+        if any(m in line for m in RWLOCK_MESSAGES):
+            damaged_lock = line
         if line.startswith(f"Running stage '{stage}'"):
             outcome = "ran"
         elif line.startswith(f"Stage '{stage}' is cached - skipping run"):
@@ -217,6 +255,10 @@ def reproduce_stage(stage: str, workspace: str) -> str:
         return outcome
     if busy_line is not None:
         raise WorkspaceBusyError(busy_message(Path(workspace), stage, busy_line))
+    if damaged_lock is not None:  # a retry meets the same file
+        raise StageFailedError(
+            stage, f"stage {stage!r}: {RWLOCK_HINT}\nDVC said: {damaged_lock.strip()}", retryable=False
+        )
     bad_settings = any(f"exited with {CONFIG_EXIT_CODE}" in line for line in tail)
     raise StageFailedError(
         stage,
@@ -227,14 +269,17 @@ def reproduce_stage(stage: str, workspace: str) -> str:
 
 @task(name="apply-overrides", cache_policy=NO_CACHE)
 def apply_overrides(params_file: str, overrides: list[str]) -> None:
-    """Write `section.key=value` overrides into params.yaml as `dvc exp run -S` does; all or nothing."""
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+    """Write `section.key=value` overrides into params.yaml with DVC's own YAML writer (comments and layout kept,
+    as `dvc exp run -S` writes them); all or nothing. The values are read as every `dmd --set` reads them
+    (dmd.config.set_overrides), not with Hydra's grammar, so one override means the same to every command."""
+    from dvc.utils.serialize import modify_yaml
 
     path = Path(params_file)
     load(path, overrides)  # typed check first: unknown keys and bad values are named before any write
     original = path.read_bytes()
     try:
-        dvc_apply_overrides(str(path), list(overrides))
+        with modify_yaml(str(path)) as data:
+            set_overrides(data, list(overrides))
         load(path)
     except Exception as e:
         path.write_bytes(original)
@@ -248,27 +293,64 @@ def apply_overrides(params_file: str, overrides: list[str]) -> None:
 # The flow
 
 
+# The failure hook receives the run as the server stores it, with `notify_url` redacted; the flow body leaves the
+# URL here for it, keyed by the run's id.
+_NOTIFY_URLS: dict[str, str] = {}
+
+
 def notify_failure(flow, flow_run, state) -> None:
-    """on_failure hook: log what failed and, when the run has a `notify_url`, POST it a JSON summary."""
-    import requests
+    """on_failure hook: log what failed and, when the run has a `notify_url` or `notify_secret`, POST it a JSON
+    summary. The URL's path and query carry its token: logs and the summary show it reduced to its host."""
+    from dmd.webhooks import Webhook, WebhookConfig, redact_url
 
     logger = get_logger("dmd.pipeline")
-    summary = {
-        "flow": flow.name,
-        "flow_run": flow_run.name,
-        "flow_run_id": str(flow_run.id),
-        "state": state.name,
-        "message": state.message,
-        "parameters": flow_run.parameters,
-    }
     logger.error("dmd-pipeline run %s failed: %s", flow_run.name, state.message)
-    url = flow_run.parameters.get("notify_url")
+    url = _NOTIFY_URLS.pop(str(flow_run.id), None)
+    if url is None and flow_run.parameters.get("notify_secret"):
+        try:
+            url = _secret_url(flow_run.parameters["notify_secret"])
+        except Exception as e:  # a notification must never mask the failure itself
+            logger.warning("failure notification: %s", e)
+            return
     if not url:
         return
+    parameters = dict(flow_run.parameters)
+    if "://" in str(parameters.get("notify_url") or ""):  # a deployment run's plain string
+        parameters["notify_url"] = redact_url(parameters["notify_url"])
+    # Webhook.send never raises and names the URL by its host only
+    Webhook(WebhookConfig(webhook_url=url)).send(
+        "failure",
+        f"dmd-pipeline run {flow_run.name} failed: {state.message}",
+        flow=flow.name,
+        flow_run=flow_run.name,
+        flow_run_id=str(flow_run.id),
+        state=state.name,
+        parameters=parameters,
+    )
+
+
+def _redact_stored_url(flow_run_id: str, url: str) -> None:
+    """Prefect stores a run's parameters as the caller passed them: keep `notify_url` reduced to its host there."""
+    from prefect.client.orchestration import get_client
+
+    from dmd.webhooks import redact_url
+
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(flow_run_id).parameters
+        if parameters.get("notify_url") == url:
+            client.update_flow_run(flow_run_id, parameters={**parameters, "notify_url": redact_url(url)})
+
+
+def _secret_url(block_name: str) -> str:
+    from prefect.blocks.system import Secret
+
     try:
-        requests.post(url, json=summary, timeout=10).raise_for_status()
-    except requests.RequestException as e:  # a notification must never mask the failure itself
-        logger.warning("failure notification to %s failed: %s", url, e)
+        return str(Secret.load(block_name).get())
+    except ValueError as e:
+        raise ConfigError(
+            "notify_secret",
+            [f"no Prefect Secret block {block_name!r} ({e}); create it with Secret(value=URL)"],
+        ) from None
 
 
 @contextmanager
@@ -307,14 +389,24 @@ def dmd_pipeline(
     params_file: str = PARAMS_FILE,
     overrides: list[str] | None = None,
     target: str | None = None,
-    notify_url: str | None = None,
+    notify_url: SecretStr | None = None,
     wait_for_workspace_seconds: float | None = None,
+    notify_secret: str | None = None,
 ) -> dict[str, str]:
     """Reproduce the DAG up to `target` (default: every stage) in the workspace of `params_file`.
 
-    `overrides` are written into params.yaml first (as `dvc exp run -S` would); `notify_url` receives a JSON
-    POST if the run fails; `wait_for_workspace_seconds` bounds the wait for another run on this workspace
-    (None: wait). Returns {stage: what DVC did}."""
+    `overrides` are written into params.yaml first (as `dvc exp run -S` would); `notify_url`, or the URL in the
+    Prefect Secret block named `notify_secret`, receives a JSON POST if the run fails. The run's stored parameters
+    hold `notify_url` reduced to its host once the run starts; with `notify_secret` the URL is never stored at all.
+    `wait_for_workspace_seconds` bounds the wait for another run on this workspace (None: wait). Returns
+    {stage: what DVC did}."""
+    from prefect.runtime import flow_run
+
+    if notify_url is not None:
+        _NOTIFY_URLS[str(flow_run.id)] = notify_url.get_secret_value()
+        _redact_stored_url(flow_run.id, notify_url.get_secret_value())
+    if notify_secret is not None:
+        _secret_url(notify_secret)  # a missing block is named now, not after a failure
     logger = get_run_logger()
     workspace = workspace_of(params_file)
     params_path = str(workspace / PARAMS_FILE)
@@ -331,6 +423,7 @@ def dmd_pipeline(
             )
             results[stage] = run(stage, str(workspace))
     logger.info("done: %s", ", ".join(f"{s} {r}" for s, r in results.items()))
+    _NOTIFY_URLS.pop(str(flow_run.id), None)
     return results
 
 
@@ -354,6 +447,12 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(f"{stage}: {result}" for stage, result in results.items()))
+    report = Path(args.params).resolve().parent / load(args.params).evaluate.report_dir / "eval.md"
+    if any(stage.rsplit(":", 1)[-1] == "evaluate" for stage in results) and report.is_file():
+        print(
+            f"report: {os.path.relpath(report)}; figures: `dvc metrics show`; training curves and samples: "
+            "`dvc plots show`"
+        )
     return 0
 
 
@@ -375,7 +474,8 @@ def serve_main(args) -> int:
     pipeline = dmd_pipeline.to_deployment(
         name="default",
         parameters={"params_file": params_file, "overrides": list(args.overrides or [])},
-        description="The whole DAG (dvc repro, stage by stage); parameters: overrides, target, notify_url.",
+        description="The whole DAG (dvc repro, stage by stage); parameters: overrides, target, notify_secret "
+        "(a Prefect Secret block holding the failure webhook's URL).",
         tags=["dmd"],
     )
     serve(pipeline, backfill_deployment(params_file))

@@ -1,5 +1,5 @@
 """`dmd train`: the `train` flow. One task trains and exports the student (on `train.num_processes` processes
-through `accelerate launch` when above 1), then the flow writes params.effective.yaml beside the student."""
+through dmd.launch when above 1), then the flow writes params.effective.yaml beside the student."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from dmd.checkpoint import CheckpointError
-from dmd.config import ConfigError, dump, load
+from dmd.config import ConfigError, dump_stage, load
 from dmd.io import write_text
 from dmd.train import NonFiniteError
 from tasks.train import train_student
@@ -28,12 +28,27 @@ def train_flow(
         params.train.checkpoint_dir,
     )
     student_dir = train_student(params_file, list(overrides or []), progress)
-    write_text(Path(student_dir) / "params.effective.yaml", dump(params))
+    write_text(Path(student_dir) / "params.effective.yaml", dump_stage(params, "train"))
     logger.info("student exported to %s", student_dir)
     return Path(student_dir)
 
 
+def check_inputs(params) -> None:
+    """What training reads, checked before Prefect starts: the teacher directory (a ConfigError names the
+    setting) and the cache (FileNotFoundError says how to build it)."""
+    from dmd.cache import open_cache
+    from dmd.wan import check_model_dir
+
+    check_model_dir(params.model)
+    open_cache(params.cache.output_dir)
+
+
 def main(args) -> int:
+    try:
+        check_inputs(load(args.params, args.overrides))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     try:
         student_dir = train_flow(args.params, args.overrides)
     except ConfigError:

@@ -16,16 +16,12 @@ from dmd import evaluate
 from dmd.config import Params
 
 
-@task(name="student-run", cache_policy=NO_CACHE)
-def student_run(params: Params, items: list[evaluate.EvalItem], device: torch.device) -> evaluate.RunOutput:
-    return evaluate.run_student(params, items, device)
-
-
-@task(name="teacher-runs", cache_policy=NO_CACHE)
-def teacher_runs(
-    params: Params, items: list[evaluate.EvalItem], few_steps: int, device: torch.device
+@task(name="sample-runs", cache_policy=NO_CACHE)
+def sample_runs(
+    params: Params, items: list[evaluate.EvalItem], device: torch.device
 ) -> dict[str, evaluate.RunOutput]:
-    return evaluate.run_teacher(params, items, few_steps, device)
+    """The full teacher, the few-step teacher and the student, interleaved video by video."""
+    return evaluate.run_all(params, items, device)
 
 
 @task(name="score", cache_policy=NO_CACHE)

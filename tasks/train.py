@@ -1,4 +1,4 @@
-"""Prefect task of the training stage: one training run, in this process or as `accelerate launch` workers.
+"""Prefect task of the training stage: one training run, in this process or as workers started by dmd.launch.
 
 No retries: a failed run keeps its checkpoints, and rerunning the stage resumes from the latest one.
 """
@@ -6,7 +6,6 @@ No retries: a failed run keeps its checkpoints, and rerunning the stage resumes 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,24 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from dmd.config import load
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(params_file: str, overrides: list[str], num_processes: int) -> list[str]:
-    """`accelerate launch` of `python -m dmd.train` on `num_processes` processes.
-
-    accelerate's multi-process launcher (torchrun underneath) starts them; each worker's Accelerator picks NCCL on
-    GPUs and gloo on CPU (dmd.train passes cpu=True when there is no GPU).
-    """
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu",
-        "-m", "dmd.train", params_file, *overrides,
-    ]  # fmt: skip
+    """`python -m dmd.train` on `num_processes` processes of this machine, through torchrun with every socket on
+    loopback (dmd/launch.py)."""
+    return [sys.executable, "-m", "dmd.launch", str(num_processes), params_file, *overrides]
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -45,7 +30,7 @@ def train_student(params_file: str, overrides: list[str], progress: bool = True)
         from dmd.train import train
 
         return train(params, progress=progress)
-    # mixed precision comes from the params inside each worker, so accelerate's own flag stays "no"
+    # each worker reads its settings (mixed precision included) from the params file
     command = launch_command(params_file, overrides, params.train.num_processes)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(command, env=env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -154,14 +155,63 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
         assert batch.prompt_embeds_BLD.shape == (len(batch.keys), MAX_LEN, 32)
         assert batch.noise_BCTHW is None
 
-    # with delete_problematic_images the offending files go (only regular files; missing ones stay missing)
+    # with delete_problematic_images the files that are no video go; valid videos left out for their caption,
+    # size or length stay, as do folders and what cannot be read
     params.cache.delete_problematic_images = True
     cache_lib.build_cache(params, "cpu")
-    for name in ("truncated", "zero", "short", "small", "no_caption", "blank_caption", "text"):
+    for name in ("truncated", "zero", "text"):
         assert not (videos / f"{name}.mp4").exists(), name
+    for name in ("short", "small", "no_caption", "blank_caption"):
+        assert (videos / f"{name}.mp4").is_file(), name
     assert (videos / "folder.mp4").is_dir()
     assert all((videos / f"good_{n}.mp4").exists() for n in ("square", "wide", "long"))
-    assert pd.read_parquet(out / "problems.parquet")["deleted"].sum() == 7
+    table = pd.read_parquet(out / "problems.parquet")
+    assert sorted(Path(p).name for p in table.loc[table["deleted"], "path"]) == [
+        "text.mp4",
+        "truncated.mp4",
+        "zero.mp4",
+    ]
+
+
+_BUILD_IN_CHILD = """
+import sys
+from dmd.cache import build_cache
+from dmd.config import load
+build_cache(load(sys.argv[1]), "cpu")
+"""
+
+
+def test_a_clip_in_a_folder_that_cannot_be_listed_is_a_problem(wan_dir, tmp_path):
+    """A non-root user's unreadable sub-folder: its clips must show up in problems.parquet, not vanish."""
+    import subprocess
+    import sys
+
+    from dmd.config import dump
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    add_clip(videos, "good", "a red ball moving left", seed=1)
+    locked = videos / "locked"
+    locked.mkdir()
+    add_clip(locked, "inside", "a blue box moving right", seed=2)
+    out = tmp_path / "cache"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        dump(make_params(wan_dir, out, [{"id": "folder", "instance_data_dir": str(videos)}]))
+    )
+    # root reads any folder; without the capabilities that let it, it meets the permissions a user meets
+    as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: every folder is readable")
+    locked.chmod(0)
+    try:
+        subprocess.run([*as_user, sys.executable, "-c", _BUILD_IN_CHILD, str(params_file)], check=True)
+    finally:
+        locked.chmod(0o755)
+    assert problems_by_path(out) == {"locked": "unreadable"}
+    reason = pd.read_parquet(out / "problems.parquet")["reason"][0]
+    assert "cannot be listed" in reason
+    assert cache_lib.open_cache(out).index["source"].map(lambda s: Path(s).name).tolist() == ["good.mp4"]
 
 
 def test_no_usable_sample_fails_and_says_why(wan_dir, tmp_path):
@@ -417,7 +467,9 @@ def test_dataset_cache_dir_and_repeats(wan_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_flow_runs_from_the_cli_entry_point(tiny_params_file, tiny_params, tiny_wan_dir, monkeypatch):
+def test_cache_flow_runs_from_the_cli_entry_point(
+    tiny_params_file, tiny_params, tiny_wan_dir, monkeypatch, capsys
+):
     from flows.cache import main
 
     # a loaded two-core machine can take longer than Prefect's default 20 s to start its ephemeral API server
@@ -434,5 +486,43 @@ def test_cache_flow_runs_from_the_cli_entry_point(tiny_params_file, tiny_params,
     cache = cache_lib.open_cache(out)
     assert len(cache.index) == 4 and set(cache.index["latents_from"]) == {"teacher"}
     assert "chunk_size: 3" in (out / "params.effective.yaml").read_text()
-    assert main(args) == 0  # the warm re-run succeeds and encodes nothing
-    assert json.loads((out / "summary.json").read_text())["encoded"] == 0
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 0  # the warm re-run succeeds, encodes nothing and rewrites the same bytes
+    assert "(0 encoded, 0 from teacher latents, 4 reused)" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+    assert json.loads((out / "summary.json").read_text())["samples"] == 4
+
+
+_KILLED_WHILE_WRITING = """
+import os, signal, sys
+from dmd.io import atomic_path
+
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a shard")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_rerun_removes_what_a_killed_run_was_writing_and_nothing_else(wan_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from dmd.io import atomic_path
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    add_clip(videos, "clip", "a red ball moving left", seed=1)
+    out = tmp_path / "cache"
+    params = make_params(wan_dir, out, [{"id": "folder", "instance_data_dir": str(videos)}])
+    cache_lib.build_cache(params, "cpu")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for target in (out / "index.parquet", out / "latents" / "folder" / "shard-x.safetensors"):
+        subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(target)], check=False)
+    leftovers = [p for p in out.rglob(".*.tmp*")]
+    assert len(leftovers) == 2
+    with atomic_path(out / "text" / "in-progress.bin") as writing:  # a running writer's (this process's)
+        writing.write_bytes(b"still being written")
+        cache_lib.build_cache(params, "cpu")
+        assert writing.exists()
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != "in-progress.bin") == before

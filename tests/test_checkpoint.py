@@ -69,6 +69,9 @@ def test_half_written_checkpoints_are_never_latest_and_get_cleaned(tmp_path):
     manager.rotate()
     assert not (tmp_path / ".checkpoint-0000004.abc123.tmp").exists()
     assert manager.latest().name == "checkpoint-0000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-0000002"
+    ]  # no checkpoint-* but complete ones
 
 
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_alone(tmp_path, monkeypatch):

@@ -109,6 +109,10 @@ def test_advanced_config_inconsistency_names_key_and_fix():
         ("train.validation_resolution=1280x700", "multiples of 16"),
         ("toy.num_frames=20", "not 4k+1"),
         ("train.distillation_config.num_frame_per_block=4", "num_frame_per_block=4 does not divide"),
+        ("generate.height=-32", "generate.height: Input should be greater than 0"),
+        ("generate.width=0", "generate.width: Input should be greater than 0"),
+        ("generate.fps=0", "generate.fps: Input should be greater than 0"),
+        ("toy.fps=0", "toy.fps: Input should be greater than 0"),
     ],
 )
 def test_bad_settings_name_the_key(override, expected):
@@ -145,6 +149,20 @@ def test_validate_cli_reports_each_problem_and_fails(tmp_path):
     assert len(lines) == 2, result.stderr  # field errors stop before the cross-field check runs
     assert any("train.learning_rat: unknown key; did you mean 'train.learning_rate'" in x for x in lines)
     assert any("train.train_batch_size" in x for x in lines)
+
+
+def test_an_empty_or_partial_settings_file_is_not_silently_replaced_by_defaults(tmp_path):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("# nothing yet\n")
+    result = dmd("config", "validate", str(empty))
+    assert result.returncode != 0 and "no settings in it" in result.stderr
+    with pytest.raises(ConfigError, match="no settings in it"):
+        load(empty)
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("train:\n  max_train_steps: 10\n")
+    result = dmd("config", "validate", str(partial))
+    assert result.returncode == 0, result.stderr
+    assert "section(s) model, toy, toy_teacher, generate, cache, evaluate not in the file" in result.stderr
 
 
 def test_default_params_validate_with_cli():

@@ -83,3 +83,24 @@ def test_dask_runner_makes_the_same_files(tmp_path, tiny_wan_dir, prefect_server
                 assert torch.equal(dask_cached[key][name], tensor), key
             else:
                 torch.testing.assert_close(dask_cached[key][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_the_local_dask_cluster_listens_on_loopback_only(tiny_params_file):
+    """Scheduler, dashboard, nannies and workers of `generate.task_runner: dask` (a local cluster)."""
+    import psutil
+
+    from dmd.config import load
+    from flows.generate import _task_runner
+
+    cfg = load(tiny_params_file, ["generate.task_runner=dask", "generate.workers=2"]).generate
+    with _task_runner(cfg) as runner:
+        runner.client.wait_for_workers(2)  # the cluster starts with the runner's client
+        tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for member in tree
+            for c in member.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+    assert len(listening) >= 5  # scheduler, dashboard, and each worker's nanny and worker
+    assert {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening

@@ -98,7 +98,7 @@ def test_latent_shape_rejects_sizes_the_vae_cannot_pack(tiny_params):
 
 def test_missing_student_says_how_to_make_one(tiny_params):
     with pytest.raises(ev.EvaluationError, match=r"run `dmd train`.*evaluate\.student_dir"):
-        ev.run_student(tiny_params, ev.eval_items(["a"], 0, 1), torch.device("cpu"), progress=False)
+        ev.run_all(tiny_params, ev.eval_items(["a"], 0, 1), torch.device("cpu"), progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,7 +164,11 @@ def test_scores_and_report_on_hand_made_runs(tiny_params, tmp_path):
     report = ev.write_outputs(tiny_params, items, runs, metrics)
     saved = json.loads(Path(tiny_params.evaluate.metrics_path).read_text())
     assert saved["speedup_dit"] == pytest.approx(metrics["speedup_dit"])
-    assert {"student", "teacher_full", "teacher_few", "speedup_end_to_end", "speedup_dit"} <= set(saved)
+    # the file DVC tracks holds the headline only; every run's details are beside the report
+    assert set(saved) == {"speedup_dit", "speedup_end_to_end", "nfe_ratio", "gap_closed", "student"}
+    assert saved["student"]["sharpness"] == metrics["student"]["judge"]["sharpness"]
+    details = json.loads((report.parent / ev.DETAILS).read_text())
+    assert details["teacher_full"]["dit_seconds_per_video"] == pytest.approx(5.0)
 
     text = report.read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
@@ -291,7 +295,7 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
     assert main(["evaluate", "--params", str(tiny_params_file)]) == 0
 
     cfg = tiny_params.evaluate
-    metrics = json.loads(Path(cfg.metrics_path).read_text())
+    metrics = json.loads((Path(cfg.report_dir) / ev.DETAILS).read_text())
     schedule = RolloutSchedule.from_params(tiny_params)
     latent_frames = (tiny_params.toy.num_frames - 1) // 4 + 1
     blocks = len(schedule.block_ranges(latent_frames))
@@ -303,9 +307,10 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
         m = metrics[name]
         assert m["seconds_per_video"] > 0 and m["peak_memory_mb"] >= 0 and "judge" in m
         assert m["timed_videos"] == len(ToyWorld(tiny_params.toy).captions("held_out")) * cfg.num_seeds
-    assert metrics["speedup_dit"] == pytest.approx(
-        metrics["teacher_full"]["dit_seconds_per_video"] / metrics["student"]["dit_seconds_per_video"]
-    )
+    # the median of the per-video ratios, inside its interquartile range
+    q1, q3 = metrics["speedup_dit_quartiles"]
+    assert q1 <= metrics["speedup_dit"] <= q3
+    assert json.loads(Path(cfg.metrics_path).read_text())["speedup_dit"] == metrics["speedup_dit"]
     assert metrics["setup"]["student_ema"] is True
     card = (Path(cfg.report_dir) / "model_card.md").read_text()
     assert f"| speedup_dit | {metrics['speedup_dit']:.4g} |" in card
@@ -318,7 +323,43 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
         assert (report_dir / f"eval_{name}.gif").is_file()
         assert len(list((Path(cfg.videos_dir) / name).glob("*.mp4"))) == metrics[name]["timed_videos"]
     assert (report_dir / "params.effective.yaml").is_file()
+    _assert_published(metrics)
     # the student's clips differ from the few-step teacher's (different weights and sampler)
     student = read_video(next((Path(cfg.videos_dir) / "student").glob("*.mp4")))
     few = read_video(next((Path(cfg.videos_dir) / "teacher_few").glob("*.mp4")))
     assert np.abs(student.astype(int) - few.astype(int)).mean() > 1
+
+
+def _assert_published(metrics: dict) -> None:
+    """The evaluate run's page on the Prefect server carries the report and the figures as artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["evaluate"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert by_key["eval-report"].type == "markdown" and by_key["eval-figures"].type == "table"
+    report = by_key["eval-report"].data
+    assert report.startswith("# Evaluation") and "data:image/png;base64," in report  # the grid travels inline
+    rows = (
+        json.loads(by_key["eval-figures"].data)
+        if isinstance(by_key["eval-figures"].data, str)
+        else by_key["eval-figures"].data
+    )
+    assert [r["run"].split(" (")[0] for r in rows] == ["teacher full", "teacher few-step", "student"]
+    assert rows[2]["sharpness ↑"] == float(f"{metrics['student']['judge']['sharpness']:.4g}")
+    assert rows[2]["DiT speed-up vs teacher full"] == float(f"{metrics['speedup_dit']:.4g}")  # the headline's
+    assert by_key["eval-report"].task_run_id is None  # the flow run's own, listed on its page

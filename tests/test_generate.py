@@ -4,6 +4,7 @@ and (slow) a real SIGKILL in the middle of a shard followed by a resume that mat
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -148,6 +149,18 @@ def test_prompt_library_errors_name_file_and_rows(tmp_path, name, content, messa
     assert name in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
+def test_a_prompt_file_that_is_not_utf8_is_named_with_its_line(tiny_params_file, tmp_path, capsys, name):
+    library = tmp_path / name
+    lines = ["a red ball", "une balle rouge tr\u00e8s lente"]
+    if name.endswith(".jsonl"):
+        lines = [json.dumps({"prompt": t}, ensure_ascii=False) for t in lines]
+    library.write_bytes("\n".join(lines).encode("latin-1"))
+    assert _run_main(tiny_params_file, overrides=[f"generate.prompts={library}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}:2: not UTF-8 text (byte 0xe8" in err and "Traceback" not in err
+
+
 def test_duplicate_ids_in_parquet(tmp_path):
     path = tmp_path / "p.parquet"
     pd.DataFrame({"id": [3, 3], "prompt": ["a", "b"]}).to_parquet(path)
@@ -182,7 +195,7 @@ def _run_main(params_file: Path, shards: str | None = None, overrides=()) -> int
         ("generate.prompts={tmp}/missing.txt", "missing.txt not found"),
         ("generate.prompts={tmp}/empty.txt", "no prompts"),
         ("generate.output_dir={tmp}/a-file/out", "generate.output_dir="),
-        ("generate.height=36", "generate.height=36 is not a multiple of 8"),
+        ("generate.height=36", "generate.height: 36 is not a multiple of 16"),
     ],
 )
 def test_bad_input_fails_before_any_sampling(tiny_params_file, tmp_path, capsys, override, message):

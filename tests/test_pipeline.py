@@ -203,6 +203,22 @@ def test_overrides_are_written_as_dvc_exp_run_writes_them(api, toy, tmp_path):
     assert dvc_status(toy) == {}
 
 
+def test_overrides_mean_to_the_pipeline_what_they_mean_to_every_dmd_command(api, toy):
+    """One --set grammar: a comma needs no quoting, `key=` is the empty string (as `dvc exp run -S` writes it)."""
+    from flows.pipeline import dmd_pipeline
+
+    overrides = [
+        "train.validation_prompt=a red square, moving",
+        "train.validation_negative_prompt=",
+        "generate.num_videos=3",
+    ]
+    dmd_pipeline(params_file=str(toy / "params.yaml"), overrides=overrides, target="generate")
+    assert load(toy / "params.yaml") == load(FIXTURES / "tiny.yaml", overrides)
+    assert load(toy / "params.yaml").train.validation_prompt == "a red square, moving"
+    text = (toy / "params.yaml").read_text()
+    assert text.startswith((FIXTURES / "tiny.yaml").read_text().splitlines()[0])  # comments are kept
+
+
 def test_bad_override_changes_nothing(api, toy):
     from flows.pipeline import dmd_pipeline
 
@@ -277,6 +293,73 @@ def test_failure_is_reported_with_the_stage_output_and_notified(api, toy, webhoo
     with pytest.raises(pipeline.StageFailedError, match="exited with 2"):
         pipeline.dmd_pipeline(params_file=str(toy / "params.yaml"))
     assert attempts(toy) == ["train"]
+
+
+def _stored_run(api_url: str, flow_run_id=None):
+    """The newest dmd-pipeline run as the server stores it, and every log line the server holds for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(), sort=FlowRunSort.START_TIME_DESC, limit=1
+        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    return flow_run, "\n".join(entry.message for entry in logs)
+
+
+def test_a_token_in_the_failure_webhook_url_is_neither_logged_nor_stored(
+    api, toy, webhook, monkeypatch, caplog, capfd
+):
+    import logging
+
+    from prefect.blocks.system import Secret
+
+    import flows.pipeline as pipeline
+    from dmd.webhooks import redact_url
+
+    monkeypatch.setattr(pipeline, "RETRY_DELAY_SECONDS", 0)
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")
+    url, received = webhook
+    token = "T0KEN-" + os.urandom(8).hex()
+    (toy / "fail-always-train").touch()
+    caplog.set_level(logging.INFO)
+
+    # a URL given to the flow: delivered, and stored reduced to its host
+    with pytest.raises(pipeline.StageFailedError):
+        pipeline.dmd_pipeline(params_file=str(toy / "params.yaml"), notify_url=f"{url}/{token}")
+    assert len(received) == 1 and "train cannot work" in received[0]["message"]
+    stored, server_logs = _stored_run(api)
+    assert stored.parameters["notify_url"] == redact_url(url)
+
+    # a URL nobody answers: the warning names the host, not the token
+    closed = f"http://127.0.0.1:{_free_port()}/{token}"
+    with pytest.raises(pipeline.StageFailedError):
+        pipeline.dmd_pipeline(params_file=str(toy / "params.yaml"), notify_url=closed)
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert (
+        f"webhook http://127.0.0.1:{closed.split(':')[2].split('/')[0]}/…: failure event not delivered"
+        in logged
+    )
+
+    # a deployment run names a Secret block; its parameters then hold the name only
+    Secret(value=f"{url}/{token}").save("failure-hook", overwrite=True)
+    with pytest.raises(pipeline.StageFailedError):
+        pipeline.dmd_pipeline(params_file=str(toy / "params.yaml"), notify_secret="failure-hook")
+    assert len(received) == 2 and received[1]["parameters"]["notify_secret"] == "failure-hook"
+    stored, more_logs = _stored_run(api)
+    assert stored.parameters["notify_secret"] == "failure-hook"
+    logged += caplog.text + "".join(capfd.readouterr())
+    for where, text in [("logs", logged), ("server logs", server_logs + more_logs),
+                        ("parameters", json.dumps(stored.parameters)), ("webhook body", json.dumps(received))]:  # fmt: skip
+        assert token not in text, where
+
+
+def _free_port() -> int:
+    from flows.local_server import free_port
+
+    return free_port()
 
 
 def _start_holding_repro(workspace: Path, stage: str) -> subprocess.Popen:
@@ -359,3 +442,38 @@ def test_runs_on_one_workspace_queue_on_its_concurrency_limit(api, toy):
             dmd_pipeline(params_file=str(toy / "params.yaml"), wait_for_workspace_seconds=2)
     assert attempts(toy) == ["generate"]  # the queued run touched nothing
     assert dmd_pipeline(params_file=str(toy / "params.yaml"))["evaluate"] == "ran"
+
+
+def test_the_busy_message_tells_stale_lock_entries_from_live_ones(toy):
+    from flows.pipeline import busy_message
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (toy / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    (toy / ".dvc" / "tmp" / "rwlock").write_text(
+        json.dumps(
+            {
+                "write": {
+                    str(toy / "student.txt"): {"pid": gone.pid, "cmd": "dvc repro"},
+                    str(toy / "cached.txt"): {"pid": os.getpid(), "cmd": "dvc repro train"},
+                },
+                "read": {},
+            }
+        )
+    )
+    message = busy_message(toy, "train", "ERROR: 'student.txt' is busy, it is being blocked by:")
+    live, stale = (line for line in message.splitlines() if line.startswith("  PID"))
+    assert live == f"  PID {os.getpid()} (dvc repro train) writes cached.txt"
+    assert stale.startswith(f"  PID {gone.pid} (dvc repro) writes student.txt (not running any more")
+
+
+def test_a_damaged_dvc_lock_file_is_named_with_what_to_do(api, toy):
+    from flows.pipeline import StageFailedError, dmd_pipeline
+
+    (toy / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    (toy / ".dvc" / "tmp" / "rwlock").write_text('{"write": {"data": {"pid": 1')  # cut short
+    start = time.monotonic()
+    with pytest.raises(StageFailedError) as err:
+        dmd_pipeline(params_file=str(toy / "params.yaml"))
+    assert "delete .dvc/tmp/rwlock and run again" in str(err.value) and not err.value.retryable
+    assert attempts(toy) == [] and time.monotonic() - start < 60  # not retried

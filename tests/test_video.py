@@ -29,3 +29,44 @@ def test_bad_files_name_the_path_and_reason(tmp_path):
         read_video(text)
     with pytest.raises(VideoReadError, match="missing.mp4: no such file"):
         video_info(tmp_path / "missing.mp4")
+
+
+# x264 run-to-run differences showed up once the heap held other data, e.g. after decoding a video; each process
+# therefore reads every clip back between writes, as the pipeline's stages do.
+_WRITER = """
+import sys
+import numpy as np
+from dmd.io import sha256_file
+from dmd.video import read_video, write_video
+
+folder, writes = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+for height, width in [(16, 16), (24, 24), (32, 40), (16, 48), (32, 32)]:
+    frames = rng.integers(0, 256, (21, height, width, 3), dtype=np.uint8)
+    hashes = set()
+    for _ in range(writes):
+        path = write_video(f"{folder}/{height}x{width}.mp4", frames)
+        hashes.add(sha256_file(path))
+        read_video(path)
+    print(f"{height}x{width}", *sorted(hashes))
+"""
+
+
+def test_the_same_frames_give_the_same_mp4_bytes_in_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", _WRITER, str(tmp_path / name), "8"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(dict(line.split(" ", 1) for line in done.stdout.splitlines()))
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 5
+    for size, hashes in runs[0].items():
+        assert len(hashes.split()) == 1, f"{size}: one process wrote {len(hashes.split())} different files"
+        assert runs[1][size] == hashes, f"{size}: one file in one process, another in the other"
