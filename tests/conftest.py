@@ -84,3 +84,14 @@ def prefect_server(tmp_path_factory):
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons across runs and processes need the same kernels: one thread everywhere."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,15 +26,6 @@ def world(tmp_path_factory, tiny_wan_dir):
     return build_cache(tmp_path_factory.mktemp("resume-world"), tiny_wan_dir)
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons across runs need the same kernels: one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _student(run_dir):
     return load_file(run_dir / "student" / "pytorch_lora_weights.safetensors")
 

@@ -31,15 +31,6 @@ def world(tmp_path_factory, tiny_wan_dir):
     return build_cache(tmp_path_factory.mktemp("train-world"), tiny_wan_dir)
 
 
-@pytest.fixture
-def one_thread():
-    """Bit-exact comparisons across processes need the same kernels: one thread everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _final(run_dir):
     """Tensor groups of a run's newest checkpoint (written at its last step)."""
     manager = CheckpointManager(run_dir / "checkpoints", 10)
