@@ -85,7 +85,10 @@ def test_every_shipped_config_is_package_data():
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     package = Path(__import__("dmd").__file__).parent
     shipped = {
-        p for pattern in pyproject["tool"]["setuptools"]["package-data"]["dmd"] for p in package.glob(pattern)
+        p
+        for pattern in pyproject["tool"]["setuptools"]["package-data"]["dmd"]
+        for p in package.glob(pattern)
+        if p.suffix == ".json"
     }
     assert set(WAN_CONFIGS.rglob("*.json")) == shipped and len(shipped) == 5 * len(NAMED_CONFIGS)
 
