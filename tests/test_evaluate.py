@@ -288,11 +288,16 @@ def test_fused_lora_student_samples_like_the_adapter(tiny_params):
 
 @pytest.mark.slow
 def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params, prefect_server):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from dmd.rollout import RolloutSchedule
     from flows.cli import main
 
     _export_lora_student(tiny_params)
-    assert main(["evaluate", "--params", str(tiny_params_file)]) == 0
+    # Prefect may have read its settings before the session's server set PREFECT_API_URL (another test module
+    # imported it first): name the server explicitly for the run and for the look-up of its artifacts
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        assert main(["evaluate", "--params", str(tiny_params_file)]) == 0
 
     cfg = tiny_params.evaluate
     metrics = json.loads((Path(cfg.report_dir) / ev.DETAILS).read_text())
@@ -323,7 +328,8 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
         assert (report_dir / f"eval_{name}.gif").is_file()
         assert len(list((Path(cfg.videos_dir) / name).glob("*.mp4"))) == metrics[name]["timed_videos"]
     assert (report_dir / "params.effective.yaml").is_file()
-    _assert_published(metrics)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        _assert_published(metrics)
     # the student's clips differ from the few-step teacher's (different weights and sampler)
     student = read_video(next((Path(cfg.videos_dir) / "student").glob("*.mp4")))
     few = read_video(next((Path(cfg.videos_dir) / "teacher_few").glob("*.mp4")))
