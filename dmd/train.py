@@ -73,6 +73,7 @@ class RunState:
 def train(params: Params, *, progress: bool = True) -> Path:
     """Train the student with DMD per `params.train`; returns the exported student directory."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from dmd.cache import CacheLoader, open_cache
@@ -86,6 +87,10 @@ def train(params: Params, *, progress: bool = True) -> Path:
     from dmd.webhooks import Notifier
 
     cfg = params.train
+    if not torch.distributed.is_initialized():
+        # accelerate keeps the first Accelerator's precision for the whole process; a process that trains twice
+        # (a Prefect worker, a notebook) with another `mixed_precision` would be refused without this reset
+        AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main = acc.is_main_process
     set_seed(cfg.seed)  # the same LoRA initialisation on every process

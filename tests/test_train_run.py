@@ -122,6 +122,20 @@ def test_gradient_checkpointing_gives_the_same_updates(world, tmp_path):
             assert torch.allclose(results[0][role][key], results[1][role][key], atol=1e-6), f"{role} {key}"
 
 
+def test_one_process_trains_at_one_precision_after_another(world, tmp_path):
+    """accelerate remembers the first Accelerator's precision process-wide; a worker that trains in fp32, then in
+    bf16, then in fp32 again must get the same fp32 student both times."""
+    finals = []
+    for i, precision in enumerate(("no", "bf16", "no")):
+        run = tmp_path / f"{i}-{precision}"
+        train(load(run_params(world, run, max_train_steps=1, checkpoint_step_interval=1,
+                              mixed_precision=precision)), progress=False)  # fmt: skip
+        finals.append(_final(run))
+    first, _, last = finals
+    for role in ("student", "critic"):
+        assert all(torch.equal(first[role][k], last[role][k]) for k in first[role]), role
+
+
 def test_latest_does_not_resume_another_runs_checkpoint(world, tmp_path):
     run = tmp_path / "changed"
     train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=1)), progress=False)
