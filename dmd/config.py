@@ -393,7 +393,7 @@ class DistillationConfig(Section):
         ge=1,
         description="Latent frames a training rollout makes (Self-Forcing's rollout length), whatever the "
         "cached clips' length; the scores see the whole rollout (Self-Forcing, trained at 21, scores only the "
-        "last 21 of a longer one). rollout_from: data and regression_loss_weight need clips at least this long.",
+        "last 21 of a longer one). rollout_from: data needs clips at least this long.",
     )
     context_noise: float = Field(
         0,
@@ -430,7 +430,49 @@ class DistillationConfig(Section):
         0.0,
         ge=0,
         description="Weight of the regression of the student's first step from the teacher's noise onto the "
-        "teacher's latents (needs the noise in the cache); the original DMD's guard against mode collapse.",
+        "teacher's latents (needs the noise in the cache); the original DMD's guard against mode collapse. The "
+        "pair is the teacher's: the whole cached clip under its own caption, whatever caption dropout and "
+        "num_training_frames do to the rollout.",
+    )
+    gen_cls_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="DMD2's GAN term for the student: weight of the non-saturating loss softplus(−D) of a "
+        "classification head on the critic's features of the noised student clip (needs guidance_cls_loss_weight "
+        "> 0, or the head never learns).",
+    )
+    guidance_cls_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="DMD2's GAN term for the critic: weight of softplus(−D(real)) + softplus(D(fake)), the head "
+        "telling the cached teacher clips from the student's, both noised to the critic's timestep. The head "
+        "trains with the critic (its optimizer, its checkpoint), full copy or LoRA.",
+    )
+    cls_feature_layer: int | None = Field(
+        None,
+        ge=0,
+        description="The transformer block whose output tokens the classification head reads (0 = the first); "
+        "None = the middle block, as DMD2 reads the UNet's bottleneck.",
+    )
+    consistency_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an rCM-style consistency term on the teacher's trajectories, in discrete time: "
+        "a point of the teacher's (noise → clip) pair at σ_i of the teacher's sampling grid, one teacher Euler "
+        "step (its CFG) to σ_(i+1), and the student's x0 at σ_i regressed onto its own stop-gradient x0 at "
+        "σ_(i+1). Needs the teacher's noise in the cache and a one-block student.",
+    )
+    consistency_grid_steps: int = Field(
+        50,
+        ge=1,
+        description="Intervals of the consistency term's σ grid: uniform in t, shifted by "
+        "model.flow_schedule_shift, as the teacher's sampler places generate.num_inference_steps steps; the "
+        "teacher's step uses real_score_guidance_scale, the CFG it samples with.",
+    )
+    critic_reuses_generator_rollout: bool = Field(
+        False,
+        description="On steps where the student updates, the critic trains on the detached output of the "
+        "student's own rollout (DMD2's way) instead of rolling out again: one rollout per step.",
     )
 
     @field_validator("dmd_denoising_steps", mode="before")
@@ -462,6 +504,11 @@ class DistillationConfig(Section):
             raise ValueError(
                 f"min_timestep_ratio ({self.min_timestep_ratio}) must be below max_timestep_ratio "
                 f"({self.max_timestep_ratio})"
+            )
+        if self.gen_cls_loss_weight > 0 and self.guidance_cls_loss_weight == 0:
+            raise ValueError(
+                "gen_cls_loss_weight > 0 needs guidance_cls_loss_weight > 0: the student's GAN loss reads a "
+                "classification head that only the critic's GAN loss trains"
             )
         return self
 
@@ -621,6 +668,22 @@ class TrainConfig(Section):
     def _val_frames(cls, value: int) -> int:
         _check_frames("validation_num_video_frames", value)
         return value
+
+    @model_validator(mode="after")
+    def _gan_recompute(self):
+        dc = self.distillation_config
+        if (
+            dc.gen_cls_loss_weight > 0
+            and self.gradient_checkpointing
+            and self.model_type == "lora"
+            and dc.fake_score_lora_rank is not None
+        ):
+            raise ValueError(
+                "distillation_config.gen_cls_loss_weight > 0 with gradient_checkpointing and a LoRA student and "
+                "critic on one base: the student's backward recomputes both adapters' forwards, but the base holds "
+                "one active adapter; turn gradient_checkpointing off, or use a full student or a full-copy critic"
+            )
+        return self
 
     @property
     def validation_size(self) -> tuple[int, int]:

@@ -135,14 +135,35 @@ def resolve_settings(cfg: CacheConfig, ds: DatasetConfig, temporal_factor: int =
     )
 
 
-def discover(cfg: CacheConfig, temporal_factor: int = 4) -> tuple[list[Source], list[Problem]]:
-    """All enabled datasets' candidate samples, and the files already known to be unusable (caption problems)."""
+def check_datasets(cfg: CacheConfig) -> None:
+    """Raise a DatasetError naming the key and the fix for a dataset that cannot be listed at all: an id used
+    twice, a manifest that is not there, a folder that is not a directory. No file is read, so the `dmd cache`
+    command checks this before Prefect starts."""
     ids = [ds.id for ds in cfg.datasets]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise DatasetError(
             f"cache.datasets: ids {dupes} are used more than once; give each dataset its own id"
         )
+    for i, ds in enumerate(cfg.datasets):
+        key = f"cache.datasets[{i}]"
+        if ds.disabled:
+            continue
+        if ds.manifest is not None and not manifest_files(Path(ds.manifest)):
+            raise DatasetError(
+                f"{key}.manifest: '{ds.manifest}' has no {MANIFEST} (nor shard-*/{MANIFEST}); run `dmd generate` "
+                "first or point it at a manifest"
+            )
+        if ds.instance_data_dir is not None and not Path(ds.instance_data_dir).is_dir():
+            raise DatasetError(
+                f"{key}.instance_data_dir: '{ds.instance_data_dir}' is not a directory; point it at a folder of "
+                "videos with their captions"
+            )
+
+
+def discover(cfg: CacheConfig, temporal_factor: int = 4) -> tuple[list[Source], list[Problem]]:
+    """All enabled datasets' candidate samples, and the files already known to be unusable (caption problems)."""
+    check_datasets(cfg)
     sources: list[Source] = []
     problems: list[Problem] = []
     for i, ds in enumerate(cfg.datasets):
@@ -152,7 +173,7 @@ def discover(cfg: CacheConfig, temporal_factor: int = 4) -> tuple[list[Source], 
         if ds.manifest is not None:
             found, bad = _from_manifest(settings, ds, f"cache.datasets[{i}]")
         else:
-            found, bad = _from_folder(settings, ds, f"cache.datasets[{i}]")
+            found, bad = _from_folder(settings, ds)
         sources += found
         problems += bad
     return sources, problems
@@ -171,15 +192,8 @@ def manifest_files(path: Path) -> list[tuple[Path, Path]]:
 def _from_manifest(
     settings: DatasetSettings, ds: DatasetConfig, key: str
 ) -> tuple[list[Source], list[Problem]]:
-    root = Path(ds.manifest)
-    files = manifest_files(root)
-    if not files:
-        raise DatasetError(
-            f"{key}.manifest: '{root}' has no {MANIFEST} (nor shard-*/{MANIFEST}); run `dmd generate` first "
-            f"or point it at a manifest"
-        )
     sources, problems = [], []
-    for manifest, base in files:
+    for manifest, base in manifest_files(Path(ds.manifest)):  # check_datasets found at least one
         table = pd.read_parquet(manifest)
         for column in ("video", ds.caption_column):
             if column not in table.columns:
@@ -201,13 +215,8 @@ def _from_manifest(
     return sources, problems
 
 
-def _from_folder(
-    settings: DatasetSettings, ds: DatasetConfig, key: str
-) -> tuple[list[Source], list[Problem]]:
-    root = Path(ds.instance_data_dir)
-    if not root.is_dir():
-        raise DatasetError(f"{key}.instance_data_dir: '{root}' is not a directory")
-    videos, problems = _find_videos(settings.id, root)
+def _from_folder(settings: DatasetSettings, ds: DatasetConfig) -> tuple[list[Source], list[Problem]]:
+    videos, problems = _find_videos(settings.id, Path(ds.instance_data_dir))  # a directory (check_datasets)
     sources = []
     for video in videos:
         if ds.caption_strategy == "filename":

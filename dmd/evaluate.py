@@ -53,6 +53,8 @@ RUNS = ("teacher_full", "teacher_few", "student")
 RUN_LABELS = {"teacher_full": "teacher full", "teacher_few": "teacher few-step", "student": "student"}
 DETAILS = "eval_details.json"  # beside eval.md: every figure of every run, as score_runs made them
 HEADLINE_JUDGE = ("accuracy_all", "sharpness", "fd", "diversity", "motion_consistency")
+# variety across seeds, with its spread over seeds (dmd.metrics.start_position_variety), for teacher and student
+HEADLINE_VARIETY = ("diversity", "diversity_spread", "pairwise_diversity", "pairwise_diversity_spread")
 
 
 class EvaluationError(ValueError):
@@ -581,13 +583,14 @@ def score_runs(
 def _judge(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> None:
     """The toy judge for every run (its own fixed set of real clips per caption as the reference), and the share
     of the few-step → full teacher gap the student closes."""
-    from dmd.toy.judge import judge_clips
+    from dmd.toy.judge import judge_clips, start_variety
     from dmd.toy.world import ToyWorld
 
     world = ToyWorld(params.toy)
     captions = [it.prompt for it in items]
     for name in RUNS:
         scores = judge_clips(runs[name].clips, captions, world)
+        scores.update(start_variety(scores, world))
         scores.pop("clips", None)  # per-clip details: too long for a metrics file
         metrics[name]["judge"] = _plain(scores)
     judged = {name: metrics[name]["judge"] for name in RUNS}
@@ -635,12 +638,19 @@ def headline(metrics: dict) -> dict:
     student.update({k: judge[k] for k in HEADLINE_JUDGE if isinstance(judge.get(k), (int, float))})
     student.update({k: s[k] for k in ("fd_to_teacher_full", "clip_score") if k in s})
     out["student"] = student
+    variety = {
+        name: {k: metrics[name]["judge"][k] for k in HEADLINE_VARIETY if k in metrics[name]["judge"]}
+        for name in ("teacher_full", "student")
+        if "judge" in metrics.get(name, {})
+    }
+    if any(variety.values()):
+        out["variety"] = variety
     return out
 
 
 def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutput], metrics: dict) -> Path:
     """metrics/eval.json (the headline), reports/eval_details.json (everything) and reports/eval.md (with its PNG
-    grid and GIFs); returns the report's path."""
+    grid and side-by-side GIF); returns the report's path."""
     from dmd.export import STUDENT_CARD, write_model_card
     from dmd.report import write_report
 

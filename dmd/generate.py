@@ -305,7 +305,6 @@ def prepare(params: Params) -> GenerationPlan:
     teacher = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     text_encoder = model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
     check_model_dir(model, resolve_device(cfg.device))
-    _check_writable(Path(cfg.output_dir))
     vae_config = AutoencoderKLWan.load_config(teacher, subfolder="vae", revision=model.revision)
     patch = WanTransformer3DModel.load_config(teacher, subfolder="transformer", revision=model.revision)[
         "patch_size"
@@ -322,6 +321,8 @@ def prepare(params: Params) -> GenerationPlan:
     tokenizer = AutoTokenizer.from_pretrained(text_encoder, subfolder="tokenizer", revision=model.revision)
     source = "toy world" if cfg.prompts == "toy" else cfg.prompts
     warn_truncated(source, prompts, tokenizer, model.max_sequence_length, params.negative_prompt)
+    # last: it creates the folder, which a rejected input must not leave behind
+    _check_writable(Path(cfg.output_dir))
     return GenerationPlan(params, prompts, teacher_revision(params))
 
 

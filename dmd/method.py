@@ -3,19 +3,26 @@ one step of them on the three roles (DESIGN.md, "DMD, one training step").
 
 The method computes losses and metrics only; the training loop owns backward passes and optimizer steps:
 
-    loss, m = method.critic_loss(batch, gen); loss.backward(); method.clip_critic_gradients(); critic_opt.step()
     if method.updates_generator(step):
         loss, m = method.generator_loss(batch, gen); loss.backward(); ...; student_opt.step()
+    loss, m = method.critic_loss(batch, gen); loss.backward(); method.clip_critic_gradients(); critic_opt.step()
+
+With `critic_reuses_generator_rollout` the critic's loss on a batch the generator's loss has just seen trains on
+that step's rollout, detached, instead of rolling the student out again. The mode-coverage terms (regression,
+DMD2's GAN term in dmd/gan.py, the consistency term in dmd/consistency.py) are added by their weight keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from dmd.config import Params
+from dmd.consistency import consistency_loss, euler_step, point_on_pair, teacher_sigma_grid
 from dmd.flow_matching import add_noise, classifier_free_guidance, sigma_to_timestep, x0_from_velocity
+from dmd.gan import ClassificationHead, FeatureTap, gan_critic_loss, gan_generator_loss
 from dmd.roles import Roles
 from dmd.rollout import RolloutSchedule, VelocityFn, rollout
 from dmd.schedule import ScoreTimestepRange, choose_exit_indices, exit_bounds
@@ -89,11 +96,26 @@ def guided_x0(
 
 @dataclass
 class _Conditioning:
+    """What one batch conditions the step on. The rollout's prompts may be dropped captions and its clip a prefix
+    of the cached one; the teacher's (noise → clip) pair stays whole, under the caption it was made with."""
+
     rollout_shape: tuple[int, ...]
     latents_BCTHW: torch.Tensor
     prompt_embeds_BLD: torch.Tensor
     negative_BLD: torch.Tensor
     teacher_noise_BCTHW: torch.Tensor | None
+    teacher_latents_BCTHW: torch.Tensor
+    teacher_prompt_embeds_BLD: torch.Tensor
+
+
+@dataclass
+class _Rollout:
+    """A generator step's rollout, detached, kept for the critic's step on the same batch."""
+
+    batch: object
+    cond: _Conditioning
+    x0_BCTHW: torch.Tensor
+    exits: list[int]
 
 
 class DMDMethod:
@@ -120,6 +142,17 @@ class DMDMethod:
         self.negative_prompt_embeds = negative_prompt_embeds.to(self.device, torch.float32)
         self.empty_prompt_embeds = empty_prompt_embeds.to(self.device, torch.float32)
         self.caption_dropout_probability = params.train.caption_dropout_probability
+        self._reusable: dict[int, _Rollout] = {}
+        self.gan_tap: FeatureTap | None = None
+        self.gan_head: ClassificationHead | None = None
+        if self.config.guidance_cls_loss_weight > 0:
+            critic = roles.critic_transformer
+            self.gan_tap = FeatureTap(critic, self.config.cls_feature_layer)
+            self.gan_head = ClassificationHead(self.gan_tap.dim).to(self.device)
+        if self.config.consistency_loss_weight > 0:
+            self.consistency_sigmas = teacher_sigma_grid(
+                self.config.consistency_grid_steps, params.model.flow_schedule_shift
+            )
 
     # ---- the interface the training loop calls -------------------------------------------------------------------
 
@@ -131,7 +164,9 @@ class DMDMethod:
         return self.roles.student_parameters()
 
     def critic_parameters(self) -> list[torch.nn.Parameter]:
-        return self.roles.critic_parameters()
+        """The critic's weights, and the GAN head's when there is one: it trains beside the critic."""
+        head = list(self.gan_head.parameters()) if self.gan_head is not None else []
+        return self.roles.critic_parameters() + head
 
     def critic_optimizer(self) -> torch.optim.AdamW:
         """The critic's own AdamW, from fake_score_lr / _weight_decay / _betas / _eps."""
@@ -155,6 +190,8 @@ class DMDMethod:
         """L = L_dmd (+ regression_loss_weight · L_reg); the gradient reaches only the student's exit steps."""
         cond = self._conditioning(batch, generator)
         x0_student, exits = self._rollout(cond, generator)
+        if self.config.critic_reuses_generator_rollout:
+            self._keep_for_critic(_Rollout(batch, cond, x0_student.detach(), exits))
         b = x0_student.shape[0]
         sigma_s = self._score_sigmas(b, exits, generator)
         noise = self._randn(x0_student.shape, generator)
@@ -189,35 +226,65 @@ class DMDMethod:
             reg = self._regression_loss(cond, generator)
             loss = loss + self.config.regression_loss_weight * reg
             metrics["regression_loss"] = float(reg.detach())
+        if self.config.gen_cls_loss_weight > 0:
+            # the same noised clip the scores saw, now with the gradient into x̂0
+            logits = self._gan_logits(add_noise(x0_student, noise, sigma_s), sigma_s, cond.prompt_embeds_BLD)
+            gan = gan_generator_loss(logits)
+            loss = loss + self.config.gen_cls_loss_weight * gan
+            metrics["gen_cls_loss"] = float(gan.detach())
+        if self.config.consistency_loss_weight > 0:
+            consistency = self._consistency_loss(cond, generator)
+            loss = loss + self.config.consistency_loss_weight * consistency
+            metrics["consistency_loss"] = float(consistency.detach())
         metrics["generator_loss"] = float(loss.detach())
         return loss, metrics
 
     def critic_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """Flow-matching loss of the critic on a detached rollout of the student."""
-        cond = self._conditioning(batch, generator)
-        with torch.no_grad():
-            x0_student, exits = self._rollout(cond, generator)
+        """Flow-matching loss of the critic on a detached rollout of the student: the generator step's own on this
+        batch under critic_reuses_generator_rollout, else a fresh one. With guidance_cls_loss_weight, plus the GAN
+        head's real-vs-student loss (real: the cached teacher clips, noised to the same σ)."""
+        reused = self._reusable.pop(id(batch), None)
+        if reused is not None and reused.batch is batch:  # the same object, not a new one at a recycled id
+            cond, x0_student, exits = reused.cond, reused.x0_BCTHW, reused.exits
+        else:
+            cond = self._conditioning(batch, generator)
+            with torch.no_grad():
+                x0_student, exits = self._rollout(cond, generator)
         sigma = self._score_sigmas(x0_student.shape[0], exits, generator)
         noise = self._randn(x0_student.shape, generator)
         x_sigma = add_noise(x0_student, noise, sigma)
         frame_timesteps_BT = sigma_to_timestep(sigma)[:, None].expand(-1, x_sigma.shape[2])
-        velocity = self.roles.fake(x_sigma, frame_timesteps_BT, cond.prompt_embeds_BLD)
+        # the GAN head reads the features of this same pass: the student's clip costs the critic nothing extra
+        with self.gan_tap.capture() if self.gan_tap is not None else contextlib.nullcontext():
+            velocity = self.roles.fake(x_sigma, frame_timesteps_BT, cond.prompt_embeds_BLD)
         loss = critic_flow_matching_loss(velocity, x0_student, noise)
-        return loss, {"critic_loss": float(loss.detach()), "critic_sigma": float(sigma.mean())}
+        metrics = {"critic_loss": float(loss.detach()), "critic_sigma": float(sigma.mean())}
+        if self.gan_head is None:
+            return loss, metrics
+        fake_logits = self.gan_head(self.gan_tap.features)
+        real = add_noise(cond.latents_BCTHW, self._randn(x0_student.shape, generator), sigma)
+        real_logits = self._gan_logits(real, sigma, cond.prompt_embeds_BLD)
+        gan = gan_critic_loss(real_logits, fake_logits)
+        metrics.update(
+            guidance_cls_loss=float(gan.detach()),
+            cls_real_accuracy=float((real_logits > 0).float().mean()),
+            cls_fake_accuracy=float((fake_logits < 0).float().mean()),
+        )
+        return loss + self.config.guidance_cls_loss_weight * gan, metrics
 
     # ---- the parts -----------------------------------------------------------------------------------------------
 
     def _conditioning(self, batch, generator: torch.Generator) -> _Conditioning:
         latents = batch.latents_BCTHW.to(self.device, torch.float32)
         frames = self.schedule.rollout_frames(latents.shape[2])
-        reads_teacher_clip = self.config.rollout_from == "data" or self.config.regression_loss_weight > 0
+        reads_teacher_clip = self.config.rollout_from == "data" or self.config.guidance_cls_loss_weight > 0
         if reads_teacher_clip and frames > latents.shape[2]:
             raise ValueError(
                 f"train.distillation_config.num_training_frames={frames} is longer than the cached clips "
-                f"({latents.shape[2]} latent frames), and rollout_from: data / regression_loss_weight read the "
+                f"({latents.shape[2]} latent frames), and rollout_from: data / guidance_cls_loss_weight read the "
                 "teacher's clip frame by frame: lower num_training_frames or cache longer clips"
             )
-        prompts = batch.prompt_embeds_BLD.to(self.device, torch.float32)
+        prompts = teacher_prompts = batch.prompt_embeds_BLD.to(self.device, torch.float32)
         b, length = prompts.shape[:2]
         for name, emb in (("negative", self.negative_prompt_embeds), ("empty", self.empty_prompt_embeds)):
             if emb.shape[-2:] != prompts.shape[-2:]:
@@ -232,13 +299,15 @@ class DMDMethod:
             prompts = torch.where(drop.to(self.device)[:, None, None], self.empty_prompt_embeds, prompts)
         teacher_noise = batch.noise_BCTHW
         if teacher_noise is not None:
-            teacher_noise = teacher_noise.to(self.device, torch.float32)[:, :, :frames]
+            teacher_noise = teacher_noise.to(self.device, torch.float32)
         return _Conditioning(
             rollout_shape=(b, latents.shape[1], frames, *latents.shape[3:]),
             latents_BCTHW=latents[:, :, :frames],
             prompt_embeds_BLD=prompts,
             negative_BLD=self.negative_prompt_embeds.expand(b, length, -1),
             teacher_noise_BCTHW=teacher_noise,
+            teacher_latents_BCTHW=latents,
+            teacher_prompt_embeds_BLD=teacher_prompts,
         )
 
     def _rollout(self, cond: _Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
@@ -273,23 +342,71 @@ class DMDMethod:
         )
         return self.score_range.sample(batch_size, generator, floor, ceiling).to(self.device)
 
-    def _regression_loss(self, cond: _Conditioning, generator: torch.Generator) -> torch.Tensor:
+    def _keep_for_critic(self, kept: _Rollout) -> None:
+        """Keep a generator step's rollout for the critic's step on the same batch: at most one step's micro-batches,
+        so a generator step whose critic step never came leaves nothing behind."""
+        self._reusable[id(kept.batch)] = kept
+        while len(self._reusable) > self.params.train.gradient_accumulation_steps:
+            self._reusable.pop(next(iter(self._reusable)))
+
+    def _teacher_noise(self, cond: _Conditioning, key: str) -> torch.Tensor:
         if cond.teacher_noise_BCTHW is None:
             raise ValueError(
-                "train.distillation_config.regression_loss_weight > 0 needs the teacher's initial noise in the "
-                "cache: set generate.save_noise: true, regenerate and re-cache, or set regression_loss_weight: 0"
+                f"train.distillation_config.{key} > 0 needs the teacher's initial noise in the cache: set "
+                f"generate.save_noise: true, regenerate and re-cache, or set {key}: 0"
             )
-        n_blocks = len(self.schedule.block_ranges(cond.latents_BCTHW.shape[2]))
-        # the first step is the student's only deterministic map from the teacher's noise to a clip
+        return cond.teacher_noise_BCTHW
+
+    def _regression_loss(self, cond: _Conditioning, generator: torch.Generator) -> torch.Tensor:
+        noise = self._teacher_noise(cond, "regression_loss_weight")
+        n_blocks = len(self.schedule.block_ranges(noise.shape[2]))
+        # the first step is the student's only deterministic map from the teacher's noise to a clip; the pair is
+        # the teacher's whole clip under the caption it was made with
         x0 = rollout(
             self.roles.student,
-            cond.prompt_embeds_BLD,
-            cond.teacher_noise_BCTHW,
+            cond.teacher_prompt_embeds_BLD,
+            noise,
             self.schedule,
             [0] * n_blocks,
             generator,
         )
-        return regression_loss(x0, cond.latents_BCTHW)
+        return regression_loss(x0, cond.teacher_latents_BCTHW)
+
+    def _gan_logits(
+        self, x_BCTHW: torch.Tensor, sigma_B: torch.Tensor, prompts_BLD: torch.Tensor
+    ) -> torch.Tensor:
+        """The head's logits on the critic's features of `x` at σ (the critic's conditional pass)."""
+        frame_timesteps_BT = sigma_to_timestep(sigma_B)[:, None].expand(-1, x_BCTHW.shape[2])
+        with self.gan_tap.capture() as tap:
+            self.roles.fake(x_BCTHW, frame_timesteps_BT, prompts_BLD)
+            return self.gan_head(tap.features)
+
+    def _consistency_loss(self, cond: _Conditioning, generator: torch.Generator) -> torch.Tensor:
+        noise = self._teacher_noise(cond, "consistency_loss_weight")
+        clip = cond.teacher_latents_BCTHW
+        if len(self.schedule.block_ranges(clip.shape[2])) > 1:
+            raise ValueError(
+                "train.distillation_config.consistency_loss_weight > 0 runs the student on whole clips at one σ: "
+                "it needs a one-block student (num_frame_per_block = the clip's latent frames)"
+            )
+        grid = self.consistency_sigmas
+        step = torch.randint(0, len(grid) - 1, (clip.shape[0],), generator=generator, device=generator.device)
+        sigma_a, sigma_b = grid[step].to(self.device), grid[step + 1].to(self.device)
+        prompts = cond.teacher_prompt_embeds_BLD
+        x_a = point_on_pair(clip, noise, sigma_a)
+        with torch.no_grad():
+            teacher_x0 = guided_x0(
+                self.roles.real,
+                x_a,
+                sigma_a,
+                prompts,
+                cond.negative_BLD,
+                self.config.real_score_guidance_scale,
+            )
+            x_b = euler_step(x_a, teacher_x0, sigma_a, sigma_b)
+            target = guided_x0(self.roles.student, x_b, sigma_b, prompts, None, 1.0)
+        online = guided_x0(self.roles.student, x_a, sigma_a, prompts, None, 1.0)
+        return consistency_loss(online, target)
 
     def _randn(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=generator.device).to(self.device)

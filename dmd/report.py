@@ -1,5 +1,6 @@
 """The evaluation report: `eval.md` with speed and quality tables, a PNG grid (rows: prompts; columns: runs; a
-few frames per clip), one animated GIF per run, and links to every mp4."""
+few frames per clip), the same rows and columns as one labelled GIF whose clips play in step, and links to every
+mp4."""
 
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ LABEL_WIDTH = 220
 HEADER_HEIGHT = 28
 GAP = 6
 COLUMN_GAP = 18  # wider than the gap between frames, so the runs read as separate columns
+LINE_HEIGHT = 14
+# The animation's columns are one frame wide, narrower than a run's label: the label wraps onto a second line.
+ANIMATION_HEADER_LINES = 2
+ANIMATION_HEADER_HEIGHT = HEADER_HEIGHT + LINE_HEIGHT * (ANIMATION_HEADER_LINES - 1)
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
+ANIMATION = "eval_side_by_side.gif"
 
 PHASE_NAMES = {"text_encoding": "text encoding", "dit": "DiT", "vae_decode": "VAE decode"}
 PEAK_MEMORY_KINDS = {
@@ -108,8 +114,8 @@ def comparison_grid(
         x += w + COLUMN_GAP
     for r, prompt in enumerate(prompts):
         y = HEADER_HEIGHT + r * (height + GAP)
-        for i, line in enumerate(_wrap(prompt, LABEL_WIDTH - 2 * GAP, max(1, height // 14))):
-            draw.text((GAP, y + 2 + 14 * i), line, fill=INK, font=font)
+        for i, line in enumerate(_wrap(prompt, LABEL_WIDTH - 2 * GAP, max(1, height // LINE_HEIGHT))):
+            draw.text((GAP, y + 2 + LINE_HEIGHT * i), line, fill=INK, font=font)
         x = LABEL_WIDTH + GAP
         for c, w in enumerate(col_widths):
             grid.paste(cells[r][c], (x, y))
@@ -117,18 +123,52 @@ def comparison_grid(
     return grid
 
 
-def column_frames(clips: list[np.ndarray], height: int = CELL_HEIGHT) -> list[Image.Image]:
-    """The frames of an animation showing one run's clips stacked top to bottom (one per prompt)."""
-    num_frames = min(len(c) for c in clips)
+def comparison_frames(
+    prompts: list[str],
+    clips: dict[str, list[np.ndarray]],
+    labels: dict[str, str],
+    height: int = CELL_HEIGHT,
+) -> list[Image.Image]:
+    """The frames of the side-by-side animation: rows are prompts (numbered as the report lists them, with their
+    caption), columns are runs (in `clips` order, headed by their label), and frame t of the animation shows frame
+    t of every clip, so the runs play in step and a difference in motion is seen at the moment it happens."""
+    columns = list(clips)
+    for name in columns:
+        if len(clips[name]) != len(prompts):
+            raise ValueError(f"run '{name}' has {len(clips[name])} clips for {len(prompts)} prompts")
+    num_frames = min(len(clip) for name in columns for clip in clips[name])
+    col_widths = [max(fit_frame(clip[0], height).width for clip in clips[name]) for name in columns]
+    width = LABEL_WIDTH + sum(col_widths) + COLUMN_GAP * len(columns)
+    background = Image.new(
+        "RGB", (width, ANIMATION_HEADER_HEIGHT + len(prompts) * (height + GAP) + GAP), BACKGROUND
+    )
+    draw = ImageDraw.Draw(background)
+    # Text without anti-aliasing adds one colour, not a ramp of greys: a GIF frame holds 256 colours, and they are
+    # left to the clips, which then play exactly as sampled whenever they have fewer.
+    draw.fontmode = "1"
+    font = _font()
+    x = LABEL_WIDTH + GAP
+    for name, w in zip(columns, col_widths):
+        for i, line in enumerate(_wrap(labels.get(name, name), w, ANIMATION_HEADER_LINES)):
+            draw.text((x, 6 + LINE_HEIGHT * i), line, fill=INK, font=font)
+        x += w + COLUMN_GAP
+    for r, prompt in enumerate(prompts):
+        y = ANIMATION_HEADER_HEIGHT + r * (height + GAP)
+        for i, line in enumerate(
+            _wrap(f"{r + 1}. {prompt}", LABEL_WIDTH - 2 * GAP, max(1, height // LINE_HEIGHT))
+        ):
+            draw.text((GAP, y + 2 + LINE_HEIGHT * i), line, fill=INK, font=font)
     frames = []
     for t in range(num_frames):
-        tiles = [fit_frame(c[t], height) for c in clips]
-        canvas = Image.new(
-            "RGB", (max(i.width for i in tiles), len(tiles) * (height + GAP) - GAP), BACKGROUND
-        )
-        for r, tile in enumerate(tiles):
-            canvas.paste(tile, (0, r * (height + GAP)))
-        frames.append(canvas)
+        frame = background.copy()
+        for r in range(len(prompts)):
+            x = LABEL_WIDTH + GAP
+            for name, w in zip(columns, col_widths):
+                frame.paste(
+                    fit_frame(clips[name][r][t], height), (x, ANIMATION_HEADER_HEIGHT + r * (height + GAP))
+                )
+                x += w + COLUMN_GAP
+        frames.append(frame)
     return frames
 
 
@@ -277,7 +317,8 @@ def _judge_section(metrics: dict, runs: list[str], labels: dict[str, str]) -> st
                 _fmt(j.get("accuracy_all")),
                 _fmt(j.get("sharpness")),
                 _fmt(j.get("fd")),
-                _fmt(j.get("diversity")),
+                _fmt(j.get("diversity"))
+                + (f" ± {_fmt(j['diversity_spread'])}" if j.get("diversity_spread") is not None else ""),
                 _fmt(j.get("motion_consistency")),
             ]
         )
@@ -301,7 +342,7 @@ def _judge_section(metrics: dict, runs: list[str], labels: dict[str, str]) -> st
             "",
             "Attribute accuracy of each clip against its caption, sharpness (real clips score 1), the Fréchet "
             "distance of judge features to real clips of the same captions, diversity of start positions across "
-            "seeds relative to real clips, and how well the motion follows one straight line.",
+            "seeds relative to real clips (± its bootstrap spread over seeds), and how well the motion follows one straight line.",
             "",
             _table(header, rows),
             "",
@@ -442,14 +483,18 @@ def write_report(
     fps: int = 8,
     grid_frames: int = 4,
 ) -> Path:
-    """Write `eval.md`, `eval_grid.png` and `eval_<run>.gif` into `report_dir`; return the markdown's path.
+    """Write `eval.md`, `eval_grid.png` and the side-by-side animation ANIMATION into `report_dir`; return the
+    markdown's path.
 
     `clips`: per run (in column order) one clip per prompt; `videos`: per run, (name, mp4 path) of every video.
     """
     report_dir = Path(report_dir)
     runs = list(clips)
     grid = save_png(report_dir / "eval_grid.png", comparison_grid(prompts, clips, labels, grid_frames))
-    gifs = {name: save_gif(report_dir / f"eval_{name}.gif", column_frames(clips[name]), fps) for name in runs}
+    animation = save_gif(report_dir / ANIMATION, comparison_frames(prompts, clips, labels), fps)
+    # Earlier versions wrote one GIF per run; left beside this report they would show an older evaluation.
+    for name in runs:
+        (report_dir / f"eval_{name}.gif").unlink(missing_ok=True)
 
     sections = [
         "# Evaluation: few-step student vs teacher",
@@ -472,10 +517,10 @@ def write_report(
         "",
         f"![comparison grid]({_rel(grid, report_dir)})",
         "",
-        _table(
-            [labels.get(n, n) for n in runs],
-            [[f"![{labels.get(n, n)}]({_rel(gifs[n], report_dir)})" for n in runs]],
-        ),
+        "The same rows and columns as an animation, every clip playing in step (rows numbered as the prompts "
+        "below):",
+        "",
+        f"![side-by-side animation]({_rel(animation, report_dir)})",
         "",
         "Prompts, top to bottom:",
         "",

@@ -89,6 +89,11 @@ class Roles:
         """The module holding the student's weights (the base with its "student" adapter, or the full copy)."""
         return self.base if self.student_copy is None else self.student_copy
 
+    @property
+    def critic_transformer(self) -> WanTransformer3DModel:
+        """The module the critic runs through (the base with its "critic" adapter, or the full copy)."""
+        return self.base if self.critic_copy is None else self.critic_copy
+
     def student_parameters(self) -> list[torch.nn.Parameter]:
         if self.student_copy is not None:
             return list(self.student_copy.parameters())

@@ -281,10 +281,16 @@ def step_scalars(updates: dict[str, UpdateResult], student, critic, state: RunSt
         s = updates["student"]
         scalars.update(grad_norm_student=s.grad_norm, generator_loss=s.loss)
         scalars.update(
-            {k: v for k, v in s.metrics.items() if k in ("dmd_loss", "regression_loss", "exit_step")}
+            {
+                k: v
+                for k, v in s.metrics.items()
+                if k in ("dmd_loss", "regression_loss", "gen_cls_loss", "consistency_loss", "exit_step")
+            }
         )
         if "score_sigma" in s.metrics:
             scalars["score_timestep"] = 1000 * s.metrics["score_sigma"]
+    if "guidance_cls_loss" in critic_metrics:
+        scalars["guidance_cls_loss"] = critic_metrics["guidance_cls_loss"]
     return scalars
 
 

@@ -10,8 +10,10 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd.cache import CacheSummary, NoUsableSamplesError, progress_line
-from dmd.config import load
-from dmd.datasets import DatasetError
+from dmd.config import Params, load
+from dmd.datasets import DatasetError, check_datasets
+from dmd.wan import ModelNotFoundError
+from flows.subflow import run_stage_flow
 from tasks.cache import embed_captions_task, encode_chunk_task, finalize_cache_task, plan_cache_task
 
 
@@ -39,9 +41,27 @@ def cache_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     return summary
 
 
+def check_inputs(params: Params) -> None:
+    """What the cache reads, checked before Prefect starts: the model directory (ModelNotFoundError, or a
+    ConfigError naming the setting) and every enabled dataset's manifest or folder (DatasetError naming its key)."""
+    from dmd.cache import default_device
+    from dmd.wan import check_model_dir, model_source
+
+    model = params.model
+    model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
+    check_model_dir(model, default_device(), component="text_encoder")  # the VAE runs in float32 anywhere
+    check_datasets(params.cache)
+
+
 def main(args) -> int:
     try:
-        summary = cache_flow(args.params, args.overrides)
+        check_inputs(load(args.params, args.overrides))
+    except (DatasetError, ModelNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run_stage_flow(cache_flow, params_file=args.params, overrides=args.overrides)
     except (NoUsableSamplesError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from dmd.config import dump_stage, load
 from dmd.io import remove_stale_temporaries, write_text
 from dmd.metrics import FeatureModelError
 from dmd.wan import ModelNotFoundError
+from flows.subflow import run_stage_flow
 from tasks.evaluate import sample_runs, score, write_outputs
 
 
@@ -58,7 +59,7 @@ def main(args) -> int:
     try:
         lib.plan(params)  # the prompts, before Prefect starts
         lib.read_student_card(params)
-        evaluate(args.params, args.overrides)
+        run_stage_flow(evaluate, params_file=args.params, overrides=args.overrides)
     except (lib.EvaluationError, FeatureModelError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

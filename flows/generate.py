@@ -44,6 +44,7 @@ from dmd.generate import (
 from dmd.io import remove_stale_temporaries, write_text
 from dmd.prompts import PromptLibraryError
 from dmd.wan import ModelNotFoundError
+from flows.subflow import run_stage_flow
 from tasks.generate import GPU_LIMIT, generate_shard_task
 
 FLOW_NAME = "generate-teacher-data"
@@ -178,7 +179,9 @@ def main(args) -> int:
     try:
         plan = prepare(load(args.params, args.overrides))
         parse_shard_range(args.shards, plan.num_shards)
-        generate_teacher_data(params_file=args.params, overrides=args.overrides, shards=args.shards)
+        run_stage_flow(
+            generate_teacher_data, params_file=args.params, overrides=args.overrides, shards=args.shards
+        )
     except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

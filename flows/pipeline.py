@@ -2,7 +2,8 @@
 
 One Prefect task per stage runs `dvc repro --single-item <stage>` in the workspace, in the order `dvc repro`
 itself would use, and streams the stage's output into the run's logs line by line. So `dvc repro`,
-`dmd pipeline` and the `dmd-pipeline/default` deployment all leave the same dvc.lock.
+`dmd pipeline` and the `dmd-pipeline/default` deployment all leave the same dvc.lock. Each stage command's own flow
+run is recorded as a subflow of its stage task (flows.subflow), so the pipeline run holds the whole DAG's runs.
 
 Overrides (`--set section.key=value`, or the deployment's `overrides` parameter) are read as every `dmd --set`
 reads them and written into params.yaml with DVC's own YAML writer, as `dvc exp run -S` writes them, before any
@@ -193,14 +194,16 @@ def _retry_if_retryable(task, task_run, state) -> bool:
     return True
 
 
-def _child_env() -> dict[str, str]:
-    """The stage commands' environment: our interpreter's scripts first on PATH (dvc.yaml calls `dmd`), and
-    the Prefect API this run talks to, so the stage flows report to the same server instead of each
-    starting a temporary one."""
+def _child_env(parent_task_run_id: str) -> dict[str, str]:
+    """The stage commands' environment: our interpreter's scripts first on PATH (dvc.yaml calls `dmd`), the
+    Prefect API this run talks to, so the stage flows report to the same server instead of each starting a
+    temporary one, and the stage task's run, so each stage's flow run is recorded as its subflow
+    (flows.subflow)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
     from flows.logs import UNSTAMPED_CONSOLE_FORMATS
+    from flows.subflow import PARENT_TASK_RUN_ENV
 
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -210,6 +213,7 @@ def _child_env() -> dict[str, str]:
     if get_current_settings().ui_url == "":  # a temporary server: no links to it (flows.cli)
         env["PREFECT_UI_URL"] = ""
     env.update(UNSTAMPED_CONSOLE_FORMATS)  # the task's log stamps each copied line
+    env[PARENT_TASK_RUN_ENV] = parent_task_run_id
     return env
 
 
@@ -220,6 +224,8 @@ def reproduce_stage(stage: str, workspace: str) -> str:
     """`dvc repro --single-item <stage>`, its output streamed to the run's logs.
 
     Returns 'ran', 'restored from the run cache' or 'up to date'."""
+    from prefect.runtime import task_run
+
     logger = get_run_logger()
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -228,7 +234,7 @@ def reproduce_stage(stage: str, workspace: str) -> str:
     proc = subprocess.Popen(
         cmd,
         cwd=workspace,
-        env=_child_env(),
+        env=_child_env(task_run.id),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -12,6 +12,7 @@ from prefect import flow
 from dmd.config import dump, load
 from dmd.io import write_text
 from dmd.toy.teacher import train_teacher
+from flows.subflow import run_stage_flow
 
 EPHEMERAL_STARTUP_SECONDS = 180
 
@@ -35,7 +36,9 @@ def main(args) -> int:
     startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
-            output = toy_teacher(args.params, args.overrides, args.device)
+            output = run_stage_flow(
+                toy_teacher, params_file=args.params, overrides=args.overrides, device=args.device
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from dmd.checkpoint import CheckpointError
 from dmd.config import ConfigError, dump_stage, load
 from dmd.io import write_text
 from dmd.train import NonFiniteError
+from flows.subflow import run_stage_flow
 from tasks.train import train_student
 
 
@@ -50,7 +51,7 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        student_dir = train_flow(args.params, args.overrides)
+        student_dir = run_stage_flow(train_flow, params_file=args.params, overrides=args.overrides)
     except ConfigError:
         raise  # the CLI prints it and exits 2
     except (NonFiniteError, CheckpointError, FileNotFoundError, ValueError, RuntimeError) as e:

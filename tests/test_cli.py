@@ -118,3 +118,76 @@ def test_stage_lines_copied_into_the_pipeline_carry_one_timestamp(tmp_path):
     )
     (line,) = [x for x in result.stderr.splitlines() if "a stage line" in x]
     assert re.fullmatch(r"INFO +\| Flow run '[\w-]+' - a stage line", line), line
+
+
+@pytest.fixture
+def no_temporary_server(monkeypatch):
+    """No Prefect server configured, and starting the temporary one fails the command: yields the list of start
+    attempts (empty when a command ends before Prefect starts)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    attempts = []
+
+    def start(server, timeout=None):
+        attempts.append(server)
+        raise RuntimeError("a temporary Prefect server was started")
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield attempts
+
+
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "command, overrides, message",
+    [
+        (
+            "generate",
+            ["model.pretrained_model_name_or_path=not-wan"],
+            "model.pretrained_model_name_or_path: not-wan/model_index.json: missing",
+        ),
+        ("generate", ["generate.prompts=captions.txt"], "generate.prompts: captions.txt not found"),
+        (
+            "cache",
+            [],
+            "cache.datasets[0].manifest: 'data/teacher' has no manifest.parquet (nor shard-*/manifest.parquet); "
+            "run `dmd generate` first",
+        ),
+        (
+            "cache",
+            ["cache.datasets=[{id: clips, instance_data_dir: clips}]"],
+            "cache.datasets[0].instance_data_dir: 'clips' is not a directory",
+        ),
+        (
+            "cache",
+            ["model.pretrained_model_name_or_path=not-wan"],
+            "model.pretrained_model_name_or_path: not-wan/model_index.json: missing",
+        ),
+        (
+            "cache",
+            ["model.pretrained_model_name_or_path=./models/wan-1.3b"],
+            "model.pretrained_model_name_or_path './models/wan-1.3b': this path does not exist",
+        ),
+    ],
+)
+def test_a_missing_input_ends_in_one_line_before_prefect(
+    workspace, monkeypatch, capsys, no_temporary_server, command, overrides, message
+):
+    """`dmd generate` and `dmd cache` check the files they read before Prefect starts, as `dmd train` does: one
+    line naming the setting or file and the fix, exit code 2, and nothing written."""
+    from flows.cli import main
+
+    (workspace / "not-wan").mkdir()
+    (workspace / "not-wan" / "config.json").write_text("{}")
+    monkeypatch.chdir(workspace)
+    before = _files(workspace)
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    assert main([command, *sets]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert no_temporary_server == []
+    assert _files(workspace) == before

@@ -341,7 +341,9 @@ def _check(block: Block, result: subprocess.CompletedProcess, workspace: Path) -
     if block.key == ("README.md", "source .venv/bin/activate"):
         page = (workspace / "dvc_plots" / "index.html").read_text()
         assert "https://cdn" not in page and "vega-embed" in page  # renders offline
-        assert "eval_grid.png" in page and "validation" in page  # the image plots
+        assert (
+            "eval_grid.png" in page and "eval_side_by_side.gif" in page and "validation" in page
+        )  # image plots
         assert "speedup_dit" in output
         headline = json.loads((workspace / "metrics" / "eval.json").read_text())
         assert (

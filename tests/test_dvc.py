@@ -27,6 +27,13 @@ ENTRY_MODULES = {
     "evaluate": "dmd.evaluate",
 }
 STAGES = list(ENTRY_MODULES)
+FLOW_NAMES = {  # the Prefect flow each stage's command runs
+    "toy_teacher": "toy-teacher",
+    "generate": "generate-teacher-data",
+    "cache": "cache",
+    "train": "train",
+    "evaluate": "evaluate",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -54,6 +61,40 @@ def git_commit(repo: Path, message: str) -> None:
 
 def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def stage_flow_runs_nested(pipeline_run_id) -> dict[str, str]:
+    """{stage task: name of the flow under it} for a finished dmd-pipeline run, after checking that every flow run
+    started while it ran hangs under one of its task runs, and the pipeline's own run alone is at the top. Runs of
+    other deployments (a scheduled backfill served beside it) are not the pipeline's and are left out."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterId,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        pipeline = client.read_flow_run(pipeline_run_id)
+        during = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                start_time=FlowRunFilterStartTime(after_=pipeline.start_time, before_=pipeline.end_time)
+            )
+        )
+        tasks = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[pipeline.id]))
+        )
+        flows = client.read_flows(flow_filter=FlowFilter(id=FlowFilterId(any_=[r.flow_id for r in during])))
+    during = [r for r in during if r.deployment_id in (None, pipeline.deployment_id)]
+    assert [r.id for r in during if r.parent_task_run_id is None] == [pipeline.id]
+    stage_tasks = {t.id: t.name for t in tasks}
+    flow_names = {f.id: f.name for f in flows}
+    children = [r for r in during if r.id != pipeline.id]
+    assert all(r.parent_task_run_id in stage_tasks for r in children), children
+    return {stage_tasks[r.parent_task_run_id]: flow_names[r.flow_id] for r in children}
 
 
 def make_tiny_workspace(root: Path, tiny_wan_dir: Path) -> Path:
@@ -190,19 +231,22 @@ def _wait_for_deployment(client, name: str, runner: subprocess.Popen, log: Path)
             time.sleep(1)
 
 
-def _run_logs(client, deployment_name: str) -> str:
-    """Every log line of the deployment's (single) flow run, as the server stored them."""
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
+def _deployment_run(client, deployment_name: str):
+    """The deployment's (single) flow run."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     deployment = client.read_deployment_by_name(deployment_name)
     (flow_run,) = client.read_flow_runs(
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
     )
+    return flow_run
+
+
+def _run_logs(client, deployment_name: str) -> str:
+    """Every log line of the deployment's (single) flow run, as the server stored them."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flow_run = _deployment_run(client, deployment_name)
     log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
     lines: list[str] = []
     while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(lines)):
@@ -254,6 +298,7 @@ def test_dvc_repro_and_the_deployment_agree_end_to_end(tmp_path, tiny_wan_dir, p
                     env=env,
                 )
                 stage_logs = _run_logs(client, "dmd-pipeline/default")
+                nested = stage_flow_runs_nested(_deployment_run(client, "dmd-pipeline/default").id)
         finally:
             runner.terminate()
             runner.wait(timeout=60)
@@ -263,6 +308,8 @@ def test_dvc_repro_and_the_deployment_agree_end_to_end(tmp_path, tiny_wan_dir, p
     assert_consistent(served_lock)
     assert json.loads(dvc("status", "--json", cwd=served).stdout) == {}
     assert "Running stage 'evaluate':" in stage_logs  # each stage's output is streamed into the run's logs
+    # each stage command's flow run is a subflow of its stage task, the pipeline run alone at the top
+    assert nested == {stage: FLOW_NAMES[stage] for stage in ran_stages(stage_logs)}
 
     # 3. a second dvc repro does nothing, in seconds
     start = time.monotonic()

@@ -15,7 +15,15 @@ from PIL import Image
 from dmd import evaluate as ev
 from dmd.config import ToyConfig
 from dmd.metrics import SpeedStats
-from dmd.report import CELL_HEIGHT, GAP, HEADER_HEIGHT
+from dmd.report import (
+    ANIMATION,
+    ANIMATION_HEADER_HEIGHT,
+    CELL_HEIGHT,
+    COLUMN_GAP,
+    GAP,
+    HEADER_HEIGHT,
+    LABEL_WIDTH,
+)
 from dmd.toy.world import ToyWorld
 from dmd.video import read_video, write_video
 
@@ -161,7 +169,11 @@ def test_scores_and_report_on_hand_made_runs(tiny_params, tmp_path):
     assert "fd_to_teacher_full" not in metrics["student"] and metrics["setup"]["feature_model"] is None
     json.dumps(metrics)  # JSON-ready
 
+    stale = Path(tiny_params.evaluate.report_dir) / "eval_student.gif"  # as earlier versions wrote it
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"GIF89a")
     report = ev.write_outputs(tiny_params, items, runs, metrics)
+    assert not stale.exists()
     saved = json.loads(Path(tiny_params.evaluate.metrics_path).read_text())
     assert saved["speedup_dit"] == pytest.approx(metrics["speedup_dit"])
     # the file DVC tracks holds the headline only; every run's details are beside the report
@@ -174,12 +186,7 @@ def test_scores_and_report_on_hand_made_runs(tiny_params, tmp_path):
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert all((report.parent / link).is_file() for link in links), links
     assert sum(link.endswith(".mp4") for link in links) == 3 * len(items)
-    assert {link for link in links if not link.endswith(".mp4")} == {
-        "eval_grid.png",
-        "eval_teacher_full.gif",
-        "eval_teacher_few.gif",
-        "eval_student.gif",
-    }
+    assert {link for link in links if not link.endswith(".mp4")} == {"eval_grid.png", ANIMATION}
     assert "`evaluate.feature_model` is null" in text and "25.0× DiT-only" in text
 
     grid = Image.open(report.parent / "eval_grid.png")
@@ -187,9 +194,45 @@ def test_scores_and_report_on_hand_made_runs(tiny_params, tmp_path):
     assert grid.height == HEADER_HEIGHT + num_prompts * (CELL_HEIGHT + GAP) + GAP
     # three columns of grid_frames frames each, every frame CELL_HEIGHT wide (square clips)
     assert grid.width > 3 * tiny_params.evaluate.grid_frames * CELL_HEIGHT
-    gif = Image.open(report.parent / "eval_student.gif")
-    assert gif.n_frames == tiny_params.toy.num_frames
-    assert gif.height == num_prompts * (CELL_HEIGHT + GAP) - GAP
+    first_seed = [it.seed == tiny_params.evaluate.seed for it in items]
+    _assert_side_by_side(
+        report.parent / ANIMATION,
+        {name: [c for c, f in zip(runs[name].clips, first_seed) if f] for name in ev.RUNS},
+    )
+
+
+def _assert_side_by_side(path: Path, clips: dict[str, list[np.ndarray]]) -> None:
+    """The animation: one row per prompt, one column per run (in ev.RUNS order); its frame t holds frame t of
+    every clip, pixel for pixel (each enlarged to CELL_HEIGHT by repeating pixels), under a label per column and
+    beside a label per row."""
+    rows, num_frames, height = len(clips["student"]), len(clips["student"][0]), clips["student"][0].shape[1]
+    scale = CELL_HEIGHT // height
+    gif = Image.open(path)
+    assert gif.n_frames == num_frames
+    assert gif.size == (
+        LABEL_WIDTH + len(ev.RUNS) * (CELL_HEIGHT + COLUMN_GAP),
+        ANIMATION_HEADER_HEIGHT + rows * (CELL_HEIGHT + GAP) + GAP,
+    )
+    # fewer colours than a GIF frame holds (with the labels' ink): the GIF needs no approximation of them
+    assert (
+        len(np.unique(np.concatenate([c.reshape(-1, 3) for cs in clips.values() for c in cs]), axis=0)) < 255
+    )
+    x = [LABEL_WIDTH + GAP + c * (CELL_HEIGHT + COLUMN_GAP) for c in range(len(ev.RUNS))]
+    y = [ANIMATION_HEADER_HEIGHT + r * (CELL_HEIGHT + GAP) for r in range(rows)]
+    for t in range(num_frames):
+        gif.seek(t)
+        frame = np.asarray(gif.convert("RGB"))
+        for c, name in enumerate(ev.RUNS):
+            for r in range(rows):
+                expected = clips[name][r][t].repeat(scale, 0).repeat(scale, 1)
+                tile = frame[y[r] : y[r] + CELL_HEIGHT, x[c] : x[c] + CELL_HEIGHT]
+                np.testing.assert_array_equal(tile, expected, err_msg=f"frame {t}, row {r}, {name}")
+    # labels: ink in the strip above each column and beside each row, a different text on each
+    headers = [frame[:ANIMATION_HEADER_HEIGHT, x[c] : x[c] + CELL_HEIGHT] for c in range(len(ev.RUNS))]
+    captions = [frame[y[r] : y[r] + CELL_HEIGHT, :LABEL_WIDTH] for r in range(rows)]
+    for strips in (headers, captions):
+        assert all((strip < 100).all(axis=-1).any() for strip in strips)
+        assert all(not np.array_equal(a, b) for i, a in enumerate(strips) for b in strips[i + 1 :])
 
 
 def _random_tiny_clip(path: Path) -> Path:
@@ -324,8 +367,11 @@ def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params
     text = (report_dir / "eval.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert links and all((report_dir / link).is_file() for link in links)
+    gif = Image.open(report_dir / ANIMATION)
+    assert gif.n_frames == tiny_params.toy.num_frames
+    assert gif.width == LABEL_WIDTH + len(ev.RUNS) * (CELL_HEIGHT + COLUMN_GAP)
+    assert list(report_dir.glob("eval_*.gif")) == [report_dir / ANIMATION]
     for name in ev.RUNS:
-        assert (report_dir / f"eval_{name}.gif").is_file()
         assert len(list((Path(cfg.videos_dir) / name).glob("*.mp4"))) == metrics[name]["timed_videos"]
     assert (report_dir / "params.effective.yaml").is_file()
     with temporary_settings({PREFECT_API_URL: prefect_server}):
@@ -360,6 +406,8 @@ def _assert_published(metrics: dict) -> None:
     assert by_key["eval-report"].type == "markdown" and by_key["eval-figures"].type == "table"
     report = by_key["eval-report"].data
     assert report.startswith("# Evaluation") and "data:image/png;base64," in report  # the grid travels inline
+    # the animation too, or its path where it is too large to inline
+    assert "data:image/gif;base64," in report or f"{ANIMATION}`" in report
     rows = (
         json.loads(by_key["eval-figures"].data)
         if isinstance(by_key["eval-figures"].data, str)

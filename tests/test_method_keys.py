@@ -32,7 +32,11 @@ class Spy:
         self.fn, self.calls = fn, []
 
     def __call__(self, x, frame_timesteps_BT, c):
-        self.calls.append(SimpleNamespace(x=x.detach().clone(), t=frame_timesteps_BT.clone(), c=c.clone()))
+        self.calls.append(
+            SimpleNamespace(
+                x=x.detach().clone(), t=frame_timesteps_BT.clone(), c=c.clone(), requires_grad=x.requires_grad
+            )
+        )
         return self.fn(x, frame_timesteps_BT, c)
 
 
@@ -377,3 +381,150 @@ def test_key_regression_loss_weight():
     assert "regression_loss" not in plain
     with pytest.raises(ValueError, match="save_noise"):
         method.generator_loss(_batch(noise=False), _gen())
+
+
+def _fake_calls_with_grad(spy) -> int:
+    return sum(1 for call in spy.calls if call.requires_grad)
+
+
+def test_key_gen_cls_loss_weight():
+    gan = {"guidance_cls_loss_weight": 0.1, "last_step_only": True}
+    method, spies = _method(_params(gen_cls_loss_weight=0.5, **gan))
+    batch = _batch()
+    loss, m = method.generator_loss(batch, _gen())
+    assert m["generator_loss"] == pytest.approx(m["dmd_loss"] + 0.5 * m["gen_cls_loss"], rel=1e-5)
+    # one more critic pass than the DMD score needs, on the same noised clip: x̂0 carries the student's gradient
+    assert len(spies["fake"].calls) == 2 and _fake_calls_with_grad(spies["fake"]) == 1
+    torch.testing.assert_close(spies["fake"].calls[1].x, spies["fake"].calls[0].x)
+    loss.backward()
+    assert all(p.grad is not None for p in method.student_parameters())
+    method, spies = _method(_params(gen_cls_loss_weight=0.0, **gan))
+    _, m = method.generator_loss(batch, _gen())
+    assert "gen_cls_loss" not in m and len(spies["fake"].calls) == 1
+    with pytest.raises(ValueError, match="needs guidance_cls_loss_weight"):
+        _params(gen_cls_loss_weight=0.5)
+
+
+def test_key_guidance_cls_loss_weight():
+    method, spies = _method(_params(guidance_cls_loss_weight=0.25))
+    batch = _batch()
+    loss, m = method.critic_loss(batch, _gen())
+    assert float(loss.detach()) == pytest.approx(m["critic_loss"] + 0.25 * m["guidance_cls_loss"], rel=1e-5)
+    # the critic sees the student's clip and then the cached teacher clip, both at the same σ
+    student_call, real_call = spies["fake"].calls
+    sigma = (real_call.t[:, 0] / 1000).view(-1, 1, 1, 1, 1)
+    assert torch.equal(real_call.t, student_call.t)
+    # the real sample is (1 − σ)·clip + σ·ε: other clips with the same draws move it by (1 − σ)·Δclip exactly
+    shifted = _batch()
+    shifted.latents_BCTHW = batch.latents_BCTHW + 1.0
+    method.critic_loss(shifted, _gen())
+    torch.testing.assert_close(spies["fake"].calls[-1].x - real_call.x, (1 - sigma).expand_as(real_call.x))
+    spies["fake"].calls = spies["fake"].calls[:2]
+    # the head trains with the critic
+    head = list(method.gan_head.parameters())
+    assert {id(p) for p in head} <= {id(p) for p in method.critic_optimizer().param_groups[0]["params"]}
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    method, spies = _method(_params(guidance_cls_loss_weight=0.0))
+    _, m = method.critic_loss(batch, _gen())
+    assert "guidance_cls_loss" not in m and len(spies["fake"].calls) == 1 and method.gan_head is None
+
+
+def test_key_cls_feature_layer():
+    torch.manual_seed(0)
+    params = _params(guidance_cls_loss_weight=0.1, fake_score_lora_rank=None)
+    roles = make_roles(build_transformer(num_layers=3), params.train)
+    method = DMDMethod(params, roles, torch.full((1, 5, 32), 0.5), torch.zeros(1, 5, 32))
+    assert method.gan_tap.layer == 1  # None: the middle block
+    seen = {}
+    for layer in (0, 2):
+        params = _params(guidance_cls_loss_weight=0.1, fake_score_lora_rank=None, cls_feature_layer=layer)
+        method = DMDMethod(params, roles, torch.full((1, 5, 32), 0.5), torch.zeros(1, 5, 32))
+        method.critic_loss(_batch(), _gen())
+        seen[layer] = method.gan_tap.features.detach()
+        method.gan_tap.remove()
+    assert not torch.allclose(seen[0], seen[2])
+    with pytest.raises(ValueError, match="cls_feature_layer=3"):
+        DMDMethod(
+            _params(guidance_cls_loss_weight=0.1, cls_feature_layer=3, fake_score_lora_rank=None),
+            roles,
+            torch.full((1, 5, 32), 0.5),
+            torch.zeros(1, 5, 32),
+        )
+
+
+def test_key_consistency_loss_weight():
+    method, spies = _method(_params(consistency_loss_weight=2.0, last_step_only=True))
+    batch = _batch(noise=True)
+    _, m = method.generator_loss(batch, _gen())
+    assert m["generator_loss"] == pytest.approx(m["dmd_loss"] + 2.0 * m["consistency_loss"], rel=1e-5)
+    # the teacher's step starts on its own (noise → clip) pair, the student's online pass at the same point
+    online = spies["student"].calls[-1]
+    teacher_call = spies["real"].calls[-1]
+    sigma = online.t[:, 0] / 1000
+    want = (1 - sigma.view(-1, 1, 1, 1, 1)) * batch.latents_BCTHW + sigma.view(
+        -1, 1, 1, 1, 1
+    ) * batch.noise_BCTHW
+    torch.testing.assert_close(online.x, want)
+    torch.testing.assert_close(teacher_call.x[:2], want)
+    # the target pass sits one grid step further down, at x_b = Euler step of the guided teacher
+    target = spies["student"].calls[-2]
+    assert bool((target.t[:, 0] < online.t[:, 0]).all())
+    _, plain = _method(_params(last_step_only=True))[0].generator_loss(batch, _gen())
+    assert "consistency_loss" not in plain
+    with pytest.raises(ValueError, match="save_noise"):
+        method.generator_loss(_batch(noise=False), _gen())
+    method, _ = _method(_params(consistency_loss_weight=2.0, num_frame_per_block=3))
+    with pytest.raises(ValueError, match="one-block student"):
+        method.generator_loss(batch, _gen())
+
+
+def test_key_consistency_grid_steps():
+    from dmd.flow_matching import shift_sigma
+
+    params = _params(consistency_loss_weight=1.0, last_step_only=True, consistency_grid_steps=2)
+    params.model.flow_schedule_shift = 3.0
+    method, spies = _method(params)
+    pairs = set()
+    for seed in range(8):
+        spies["student"].calls.clear()
+        method.generator_loss(_batch(noise=True), _gen(seed))
+        online, target = spies["student"].calls[-1], spies["student"].calls[-2]
+        pairs |= {(round(float(a), 4), round(float(b), 4)) for a, b in zip(online.t[:, 0], target.t[:, 0])}
+    half = round(float(shift_sigma(torch.tensor(0.5), 3.0)) * 1000, 4)
+    assert pairs == {(1000.0, half), (half, 0.0)}
+
+
+def test_key_critic_reuses_generator_rollout():
+    """The critic's loss on the generator step's own rollout equals a separate rollout's with the same noise."""
+    batch = _batch()
+
+    def states_at_student_calls(method, spies, g):
+        states = []
+        fn = spies["student"].fn
+        spies["student"].fn = lambda *a: (states.append(g.get_state()), fn(*a))[1]
+        return states
+
+    # separate: the critic rolls out itself; the generator state after its last student pass is what the critic's
+    # own σ and noise are drawn from
+    separate, spies = _method(_params(critic_reuses_generator_rollout=False))
+    g = _gen(3)
+    states = states_at_student_calls(separate, spies, g)
+    separate_loss, _ = separate.critic_loss(batch, g)
+    after_rollout = states[-1]
+    # reused: the generator step rolls out with the same draws; the critic starts from the same generator state
+    reused, spies = _method(_params(critic_reuses_generator_rollout=True))
+    reused.generator_loss(batch, _gen(3))
+    spies["student"].calls.clear()
+    reused_loss, m = reused.critic_loss(batch, torch.Generator().set_state(after_rollout))
+    assert spies["student"].calls == []  # no second rollout
+    assert float(reused_loss) == pytest.approx(float(separate_loss), rel=1e-6)
+    # a new batch object is not the one the generator saw: the critic rolls out again
+    reused.critic_loss(_batch(), _gen())
+    assert spies["student"].calls
+    # off, the same call sequence rolls out again, from other draws
+    off, spies = _method(_params(critic_reuses_generator_rollout=False))
+    off.generator_loss(batch, _gen(3))
+    spies["student"].calls.clear()
+    off_loss, _ = off.critic_loss(batch, torch.Generator().set_state(after_rollout))
+    assert spies["student"].calls and float(off_loss) != pytest.approx(float(separate_loss), rel=1e-6)

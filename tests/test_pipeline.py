@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_dvc import stage_flow_runs_nested
 
 from dmd.config import ConfigError, load
 
@@ -22,7 +23,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 
 # Trivial stages with the real stage names (so the flow's per-stage retries apply). Each writes a
-# deterministic file from the settings it reads; marker files make a stage fail once, fail always, or wait.
+# deterministic file from the settings it reads; marker files make a stage fail once, fail always, wait, or
+# run inside a Prefect flow of its own.
 STAGE_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
@@ -43,19 +45,29 @@ STAGE_SCRIPT = textwrap.dedent(
         sys.exit(f"{stage} cannot work")
     while Path("hold-" + stage).exists():
         time.sleep(0.05)
-    if stage == "generate":
-        n = params["generate"]["num_videos"]
-        Path("data").mkdir(exist_ok=True)
-        for i in range(n):
-            print(f"generate: item {i + 1}/{n}", flush=True)
-        Path("data/items.txt").write_text("".join(f"item {i}\\n" for i in range(n)))
-    elif stage == "cache":
-        Path("cached.txt").write_text(Path("data/items.txt").read_text().upper())
-    elif stage == "train":
-        steps = params["train"]["max_train_steps"]
-        Path("student.txt").write_text(f"{steps} steps on {len(Path('cached.txt').read_text())} bytes\\n")
-    elif stage == "evaluate":
-        Path("metrics.json").write_text(json.dumps({"score": len(Path("student.txt").read_text())}))
+
+    def work():
+        if stage == "generate":
+            n = params["generate"]["num_videos"]
+            Path("data").mkdir(exist_ok=True)
+            for i in range(n):
+                print(f"generate: item {i + 1}/{n}", flush=True)
+            Path("data/items.txt").write_text("".join(f"item {i}\\n" for i in range(n)))
+        elif stage == "cache":
+            Path("cached.txt").write_text(Path("data/items.txt").read_text().upper())
+        elif stage == "train":
+            steps = params["train"]["max_train_steps"]
+            Path("student.txt").write_text(f"{steps} steps on {len(Path('cached.txt').read_text())} bytes\\n")
+        elif stage == "evaluate":
+            Path("metrics.json").write_text(json.dumps({"score": len(Path("student.txt").read_text())}))
+
+    if Path("as-flow").exists():  # as the dmd stage commands run: inside a Prefect flow of the stage's name
+        from prefect import flow
+        from flows.subflow import run_stage_flow
+
+        run_stage_flow(flow(name=stage)(work))
+    else:
+        work()
     print(f"{stage}: done", flush=True)
     """
 )
@@ -109,7 +121,7 @@ def make_toy_workspace(root: Path) -> Path:
     shutil.copy(FIXTURES / "tiny.yaml", root / "params.yaml")
     (root / "dvc.yaml").write_text(TOY_DVC_YAML)
     (root / "stage.py").write_text(STAGE_SCRIPT)
-    (root / ".gitignore").write_text("attempts.log\nhold-*\nfail-*\nbad-settings-*\n")
+    (root / ".gitignore").write_text("attempts.log\nhold-*\nfail-*\nbad-settings-*\nas-flow\n")
     git_commit(root, "toy pipeline")
     return root
 
@@ -156,10 +168,14 @@ def test_flow_leaves_the_same_lock_as_dvc_repro(api, toy, tmp_path):
     other = clone(toy, tmp_path / "other")
     assert stage_order(toy) == ["generate", "cache", "train", "evaluate"]
 
-    results = dmd_pipeline(params_file=str(toy / "params.yaml"))
+    (toy / "as-flow").touch()  # each stage runs its own Prefect flow, as the dmd stage commands do
+    state = dmd_pipeline(params_file=str(toy / "params.yaml"), return_state=True)
+    results = state.result()
     run([str(BIN / "dvc"), "repro"], other)
 
     assert results == dict.fromkeys(["generate", "cache", "train", "evaluate"], "ran")
+    # {stage task: the flow run under it}
+    assert stage_flow_runs_nested(state.state_details.flow_run_id) == {s: s for s in results}
     assert lock_of(toy) == lock_of(other)
     assert dvc_status(toy) == {}
 
@@ -169,6 +185,32 @@ def test_flow_leaves_the_same_lock_as_dvc_repro(api, toy, tmp_path):
     assert attempts(toy) == ["generate", "cache", "train", "evaluate"]  # nothing ran the second time
     assert lock_of(toy) == lock_of(other)
     assert time.monotonic() - start < 30
+
+
+def test_a_stage_flow_whose_parent_task_run_is_unknown_runs_top_level(api, monkeypatch, capfd):
+    """A stale or foreign DMD_PARENT_TASK_RUN_ID (no such task run on this server) leaves the stage as it runs on
+    its own: a top-level flow run, with a warning, and the flow's result."""
+    import uuid
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from flows.subflow import PARENT_TASK_RUN_ENV, run_stage_flow
+
+    @flow(name="lone-stage")
+    def lone_stage(value: int = 1) -> str:
+        from prefect.runtime import flow_run
+
+        return f"{flow_run.id} {value}"
+
+    unknown = str(uuid.uuid4())
+    monkeypatch.setenv(PARENT_TASK_RUN_ENV, unknown)
+    run_id, value = run_stage_flow(lone_stage, value=3).split()
+    assert value == "3"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+    assert run.parent_task_run_id is None and run.state.is_completed()
+    assert f"{PARENT_TASK_RUN_ENV}={unknown}: no such task run" in capfd.readouterr().err
 
 
 def test_target_stops_after_its_stage(api, toy):

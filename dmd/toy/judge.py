@@ -216,6 +216,19 @@ def _diversity(scores: list[ClipScore], captions, ref_scores: list[ClipScore], r
     return float(np.mean(ratios)) if ratios else None
 
 
+def start_variety(judged: dict, world: ToyWorld, num_resamples: int = 1000) -> dict:
+    """`dmd.metrics.start_position_variety` of clips `judge_clips` scored (its per-clip details), against the
+    world's fixed reference clips of the same captions: diversity and pairwise diversity, each with its spread
+    over seeds."""
+    from dmd.metrics import start_position_variety
+
+    captions = [c["caption"] for c in judged["clips"]]
+    starts = [c["start_xy"] for c in judged["clips"]]
+    ref_clips, ref_captions = reference_clips(world, captions)
+    ref_starts = [score_clip(clip, world).start_xy for clip in ref_clips]
+    return start_position_variety(starts, captions, ref_starts, ref_captions, num_resamples=num_resamples)
+
+
 def judge_clips(clips, captions: list[str], world: ToyWorld, reference=None) -> dict:
     """Scores of uint8 (T,H,W,3) clips against their captions; `reference`: real clips + captions, or None
     to sample them from the world for the same captions."""
