@@ -29,9 +29,11 @@ demo: $(STAMP)
 	$(BIN)/dmd pipeline
 
 # One thread per process: the suite runs servers and stage subprocesses side by side, and torch's default of one
-# thread per core oversubscribes the cores many times over.
+# thread per core oversubscribes the cores many times over. Test files run on TEST_WORKERS processes (pytest-xdist),
+# each file whole on one of them, so a file's shared fixtures are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

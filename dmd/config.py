@@ -737,6 +737,18 @@ class EvaluateConfig(Section):
     metrics_path: str = "metrics/eval.json"
     report_dir: str = "reports"
     videos_dir: str = "reports/videos"
+    teacher_reference_dir: str = Field(
+        "eval_reference",
+        description="The teacher runs' decoded clips, kept across evaluations under a key of everything they "
+        "depend on: an evaluation whose teacher settings are unchanged takes the clips from here and samples "
+        "the teacher only on the first evaluate.timed_reference_videos items, for its timings.",
+    )
+    timed_reference_videos: int = Field(
+        2,
+        ge=1,
+        description="Items a teacher run whose clips come from evaluate.teacher_reference_dir is still sampled "
+        "on, interleaved with the student, for its timings, NFE and memory (and to check the stored clips).",
+    )
 
     @model_validator(mode="after")
     def _frames(self):
@@ -1005,7 +1017,8 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 # Settings that change how a stage runs but not what it writes: parallelism, encoder batch sizes (cache keys leave
-# them out), retries, schedules, where progress is reported, how checkpoints are kept. They stay out of the
+# them out), retries, schedules, where progress is reported, how checkpoints are kept, where the evaluation keeps its
+# teacher reference and on how many items it re-times a reused teacher run. They stay out of the
 # settings a stage records inside its outputs, so changing one of them moves no output's hash.
 RUN_SETTINGS = frozenset({
     "generate.task_runner", "generate.workers", "generate.dask_address", "generate.retries",
@@ -1015,7 +1028,7 @@ RUN_SETTINGS = frozenset({
     "train.checkpoint_dir", "train.checkpoint_step_interval", "train.checkpoints_total_limit",
     "train.resume_from_checkpoint", "train.max_consecutive_nonfinite", "train.webhook_config",
     "train.tracker_project_name", "train.tracker_run_name", "train.push_checkpoints_to_hub",
-    "evaluate.warmup",
+    "evaluate.warmup", "evaluate.teacher_reference_dir", "evaluate.timed_reference_videos",
 })  # fmt: skip
 
 

@@ -8,10 +8,13 @@ Three runs are compared (columns of the report, in this order):
 - `student`: the exported student (EMA weights when the export holds them) through `dmd.rollout.sample`.
 
 The teacher and the student are loaded side by side and the runs interleaved video by video (`run_samplers`), so
-a change in the machine's load reaches all three alike. Each run first generates `evaluate.warmup` videos that are
-thrown away, then times every video phase by phase (text encoding, DiT, VAE decode), counts transformer
-evaluations with a forward hook and records the peak working memory; times are medians with their quartiles, and
-a speed-up is the median of the per-video ratios (`dmd.metrics.paired_speedup`). Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's samples and a CLIP score when
+a change in the machine's load reaches all three alike. The teacher runs' clips are kept in a teacher reference
+(`dmd.eval_reference`): when nothing they depend on changed, they are reused and the teacher is sampled, still
+interleaved, on the first `evaluate.timed_reference_videos` items only, for its timings. Each run first generates
+`evaluate.warmup` videos that are thrown away, then times every video phase by phase (text encoding, DiT, VAE
+decode), counts transformer evaluations with a forward hook and records the peak working memory; times are medians
+with their quartiles, and a speed-up is the median of the per-video ratios (`dmd.metrics.paired_speedup`).
+Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's samples and a CLIP score when
 `evaluate.feature_model` / `evaluate.clip_model` name a model.
 """
 
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from dmd.config import Params
+from dmd.eval_reference import TeacherReference, teacher_identity
 from dmd.io import write_json
 from dmd.metrics import (
     FeatureModel,
@@ -50,6 +54,7 @@ from dmd.video import write_video
 log = logging.getLogger(__name__)
 
 RUNS = ("teacher_full", "teacher_few", "student")
+TEACHER_RUNS = ("teacher_full", "teacher_few")  # the runs whose clips the teacher reference keeps
 RUN_LABELS = {"teacher_full": "teacher full", "teacher_few": "teacher few-step", "student": "student"}
 DETAILS = "eval_details.json"  # beside eval.md: every figure of every run, as score_runs made them
 HEADLINE_JUDGE = ("accuracy_all", "sharpness", "fd", "diversity", "motion_consistency")
@@ -286,8 +291,9 @@ class RunOutput:
     guidance: float
     clips: list[np.ndarray]  # uint8 (T, H, W, 3), one per EvalItem, in order
     videos: list[Path]
-    speed: SpeedStats
+    speed: SpeedStats  # per_video: the first speed.timed_videos items, in order
     info: dict = field(default_factory=dict)
+    clips_from_reference: bool = False  # clips past the timed items came from the teacher reference
 
 
 def _no_phase(name: str) -> contextlib.AbstractContextManager:
@@ -322,14 +328,24 @@ def run_samplers(
     videos_dir: Path | None = None,
     fps: int = 8,
     progress: bool = True,
+    reference_clips: dict[str, list[np.ndarray]] | None = None,
+    timed_reference_videos: int = 1,
 ) -> dict[str, RunOutput]:
     """Generate every item with every sampler, interleaved: item by item, each run in turn, the order rotating from
     one item to the next. A change in the machine's load then reaches every run alike, and each item gives one
     paired timing of every run (`paired_speedup`). Before timing, `warmup` videos per run are thrown away.
 
+    A run in `reference_clips` (every item's clip, from the teacher reference) is sampled only on the first
+    `timed_reference_videos` items, still interleaved, for its timings; the rest of its clips are the stored ones.
+    A re-sampled clip that differs from the stored one is logged and replaces it.
+
     Per run and video: phase times, NFE (a forward hook, active only while that run generates: the two teacher
     runs share one transformer) and the peak working memory above what was resident before the video."""
     names = list(samplers)
+    reference_clips = reference_clips or {}
+    sampled = {
+        n: min(timed_reference_videos, len(items)) if n in reference_clips else len(items) for n in names
+    }
 
     def generate(name: str, item: EvalItem, timer: PhaseTimer | None) -> np.ndarray:
         sampler = samplers[name]
@@ -353,20 +369,31 @@ def run_samplers(
     kind = ""
     with Progress(len(items), "evaluate", log, unit="item", enabled=progress) as bar:
         for i, item in enumerate(items):
-            for name in names[i % len(names) :] + names[: i % len(names)]:
+            active = [n for n in names if i < sampled[n]]
+            for name in active[i % len(active) :] + active[: i % len(active)]:
                 with PeakMemory(device) as memory, counters[name]:
                     clips[name].append(generate(name, item, timers[name]))
                 timers[name].end_video()
                 peak[name], kind = max(peak[name], memory.mb or 0.0), memory.kind
             bar.update(1)
+    for name, stored in reference_clips.items():
+        fresh = clips[name]
+        differ = [i for i, clip in enumerate(fresh) if not np.array_equal(clip, stored[i])]
+        if differ:
+            log.warning(
+                "%s: %d of %d re-sampled clips differ from the teacher reference's (items %s); using the fresh "
+                "clips for those items and the stored ones for the other %d",
+                name, len(differ), len(fresh), [items[i].stem for i in differ], len(items) - len(fresh),
+            )  # fmt: skip
+        clips[name] = fresh + list(stored[len(fresh) :])
     out = {}
     for name in names:
         speed = SpeedStats(
-            nfe=counters[name].samples / len(items),
+            nfe=counters[name].samples / sampled[name],
             seconds=timers[name].median_seconds(),
             peak_memory_mb=peak[name],
             peak_memory_kind=kind,
-            timed_videos=len(items),
+            timed_videos=sampled[name],
             warmup_videos=warmup,
             device=str(device),
             per_video=timers[name].videos,
@@ -377,16 +404,23 @@ def run_samplers(
             videos = [
                 write_video(videos_dir / name / f"{it.stem}.mp4", c, fps) for it, c in zip(items, clips[name])
             ]
+        from_reference = sampled[name] < len(items)
         log.info(
-            "%s: %d videos, NFE %.1f, median %.3f s/video end to end (DiT %.3f s), peak working memory %.0f MiB",
+            "%s: %d videos%s, NFE %.1f, median %.3f s/video end to end (DiT %.3f s), peak working memory %.0f MiB",
             name,
             len(items),
+            f" ({sampled[name]} sampled and timed, the rest from the teacher reference)"
+            if from_reference
+            else "",
             speed.nfe,
             speed.seconds["end_to_end"],
             speed.seconds["dit"],
             speed.peak_memory_mb,
         )
-        out[name] = RunOutput(name, samplers[name].steps, samplers[name].guidance, clips[name], videos, speed)
+        out[name] = RunOutput(
+            name, samplers[name].steps, samplers[name].guidance, clips[name], videos, speed,
+            clips_from_reference=from_reference,
+        )  # fmt: skip
     return out
 
 
@@ -470,7 +504,11 @@ def run_all(
 ) -> dict[str, RunOutput]:
     """`teacher_full`, `teacher_few` (the teacher at the student's step count) and `student`, interleaved
     (`run_samplers`). The teacher and the student are loaded side by side; the student uses the teacher's text
-    encoder and VAE (the same files), so only the transformer is held twice."""
+    encoder and VAE (the same files), so only the transformer is held twice.
+
+    A teacher run whose every clip is in the teacher reference (`dmd.eval_reference`) takes its clips from there
+    and is sampled on the first `evaluate.timed_reference_videos` items only; a run sampled in full is stored
+    there. Entries no current item refers to are then removed."""
     ev = params.evaluate
     read_student_card(params)  # a missing student fails before the teacher is loaded
     pipe = load_teacher_pipeline(params, device)
@@ -480,23 +518,35 @@ def run_all(
         name: TeacherSampler(
             pipe, steps, ev.teacher_guidance, params.negative_prompt, params.model.max_sequence_length
         )
-        for name, steps in (("teacher_full", ev.teacher_steps), ("teacher_few", student.steps))
+        for name, steps in zip(TEACHER_RUNS, (ev.teacher_steps, student.steps))
+    }
+    noise_shape = latent_shape(pipe.transformer, pipe.vae, video)
+    reference = TeacherReference(ev.teacher_reference_dir, teacher_identity(params, noise_shape, device))
+    stored = {
+        name: clips
+        for name, sampler in teacher.items()
+        if (clips := reference.load(name, sampler.steps, sampler.guidance, items)) is not None
     }
     torch.manual_seed(ev.seed)
     runs = run_samplers(
         {**teacher, "student": student},
         LatentDecoder(pipe.vae),
         items,
-        latent_shape(pipe.transformer, pipe.vae, video),
+        noise_shape,
         device,
         ev.warmup,
         Path(ev.videos_dir),
         video.fps,
         progress,
+        reference_clips=stored,
+        timed_reference_videos=ev.timed_reference_videos,
     )
     runs["student"].info = info
     for name in teacher:
         runs[name].info = {"scheduler": pipe.scheduler.__class__.__name__}
+        if name not in stored:
+            reference.save(teacher[name].steps, teacher[name].guidance, items, runs[name].clips)
+    reference.prune({key for s in teacher.values() for key in reference.keys(s.steps, s.guidance, items)})
     del pipe, student, teacher
     _free(device)
     return {name: runs[name] for name in RUNS}
@@ -523,21 +573,31 @@ def score_runs(
     metrics: dict = {}
     for name in RUNS:
         run = runs[name]
-        metrics[name] = {"steps": run.steps, "guidance": run.guidance, **run.speed.as_dict()}
+        metrics[name] = {
+            "steps": run.steps,
+            "guidance": run.guidance,
+            **run.speed.as_dict(),
+            "clips_from_reference": run.clips_from_reference,
+        }
     full, student = metrics["teacher_full"], metrics["student"]
     for name in RUNS:  # every run against the full teacher; the student's are the stage's headline
+        # per_video holds the first timed_videos items of each run, so the shorter prefix pairs the same videos
         baseline, timed = runs["teacher_full"].speed.per_video, runs[name].speed.per_video
+        paired = min(len(baseline), len(timed))
         for key, phase, seconds in (("speedup_dit", "dit", "dit_seconds_per_video"),
                                     ("speedup_end_to_end", None, "seconds_per_video")):  # fmt: skip
-            if baseline and len(baseline) == len(timed):  # per-video ratios of videos timed side by side
-                q1, median, q3 = paired_speedup(baseline, timed, phase)
+            if paired:  # per-video ratios of videos timed side by side
+                q1, median, q3 = paired_speedup(baseline[:paired], timed[:paired], phase)
                 metrics[name][key], metrics[name][f"{key}_quartiles"] = median, [q1, q3]
+                metrics[name]["speedup_paired_videos"] = paired
             else:
                 metrics[name][key] = speedup(full[seconds], metrics[name][seconds])
     for key in ("speedup_dit", "speedup_end_to_end"):
         metrics[key] = student[key]
         if f"{key}_quartiles" in student:
             metrics[f"{key}_quartiles"] = student[f"{key}_quartiles"]
+    if "speedup_paired_videos" in student:
+        metrics["speedup_paired_videos"] = student["speedup_paired_videos"]
     metrics["nfe_ratio"] = full["nfe"] / student["nfe"]
 
     setup: dict = {}
@@ -576,6 +636,7 @@ def score_runs(
         **{f"student_{k}": v for k, v in runs["student"].info.items()},
         "teacher": params.model.pretrained_model_name_or_path,
         "teacher_scheduler": runs["teacher_full"].info.get("scheduler"),
+        "teacher_reference_dir": ev.teacher_reference_dir,
     }
     return metrics
 
@@ -629,6 +690,10 @@ def headline(metrics: dict) -> dict:
     comparison and the student's own figures. Every run's details (teacher timings, phases, memory, setup) are
     in the report folder's DETAILS file."""
     out = {key: metrics[key] for key in ("speedup_dit", "speedup_end_to_end", "nfe_ratio") if key in metrics}
+    # what the speed figures rest on: a teacher run whose clips were reused is timed on a few items only
+    for key, names in (("timed_videos", RUNS), ("clips_from_reference", TEACHER_RUNS)):
+        if values := {name: metrics[name][key] for name in names if key in metrics.get(name, {})}:
+            out[key] = values
     if metrics.get("gap_closed"):
         out["gap_closed"] = metrics["gap_closed"]
     s = metrics["student"]

@@ -71,10 +71,6 @@ MANIFEST_COLUMNS = [
     "prompt_id",
     "fingerprint",
 ]
-# Weight files above this size are identified by their size and three sampled windows rather than a full hash,
-# so that checking a 14B teacher costs seconds, not minutes; retraining changes every window.
-FULL_HASH_LIMIT = 256 << 20
-HASH_WINDOW = 4 << 20
 
 
 class GenerationError(ValueError):
@@ -177,44 +173,6 @@ def flow_shift(params: Params) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Teacher identity
-
-
-def teacher_revision(params: Params) -> str:
-    """`model.revision` when set; for local directories a digest of their files (weights, configs, tokenizer)."""
-    if params.model.revision:
-        return params.model.revision
-    paths = dict.fromkeys([params.model.pretrained_model_name_or_path, params.model.text_encoder_path])
-    h = hashlib.sha256()
-    for p in paths:
-        root = Path(p)
-        if not root.is_dir():
-            h.update(f"hub:{p}".encode())
-            continue
-        for file in sorted(f for f in root.rglob("*") if f.is_file() and not _hidden(f.relative_to(root))):
-            h.update(
-                f"{file.relative_to(root).as_posix()}:{file.stat().st_size}:{_file_digest(file)}\n".encode()
-            )
-    return "sha256:" + h.hexdigest()
-
-
-def _hidden(rel: Path) -> bool:
-    return any(part.startswith(".") for part in rel.parts)
-
-
-def _file_digest(path: Path) -> str:
-    size = path.stat().st_size
-    if size <= FULL_HASH_LIMIT:
-        return sha256_file(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for start in (0, size // 2, size - HASH_WINDOW):
-            f.seek(start)
-            h.update(f.read(HASH_WINDOW))
-    return "windows:" + h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The plan: what every shard holds
 
 
@@ -299,7 +257,7 @@ def prepare(params: Params) -> GenerationPlan:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer
 
-    from dmd.wan import check_model_dir, model_source
+    from dmd.wan import check_model_dir, model_source, teacher_revision
 
     cfg, model = params.generate, params.model
     teacher = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
@@ -323,7 +281,7 @@ def prepare(params: Params) -> GenerationPlan:
     warn_truncated(source, prompts, tokenizer, model.max_sequence_length, params.negative_prompt)
     # last: it creates the folder, which a rejected input must not leave behind
     _check_writable(Path(cfg.output_dir))
-    return GenerationPlan(params, prompts, teacher_revision(params))
+    return GenerationPlan(params, prompts, teacher_revision(params.model))
 
 
 def _check_writable(out: Path) -> None:

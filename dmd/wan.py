@@ -6,6 +6,7 @@ Everything that touches a teacher goes through here, so real Wan 2.1 weights and
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from dmd.config import ConfigError, ModelConfig
+from dmd.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ WAN_COMPONENTS = {
     "text_encoder": ("config.json", None),
     "tokenizer": (None, None),
 }
+# Weight files above this size are identified by their size and three sampled windows rather than a full hash,
+# so that checking a 14B teacher costs seconds, not minutes; retraining changes every window.
+FULL_HASH_LIMIT = 256 << 20
+HASH_WINDOW = 4 << 20
 FIX_MISSING = (
     "re-download the model (e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR`), "
     "or write a random-weight directory of the real shapes for a dry run with `dmd wan-skeleton DIR`"
@@ -204,6 +210,41 @@ def model_source(path_or_id: str, what: str) -> str:
             f"model.pretrained_model_name_or_path (and model.pretrained_t5_model_name_or_path) to DIR."
         )
     return path_or_id
+
+
+def teacher_revision(cfg: ModelConfig) -> str:
+    """`model.revision` when set; for local directories a digest of their files (weights, configs, tokenizer):
+    what identifies the teacher in the generated data's fingerprints and the evaluation's teacher reference."""
+    if cfg.revision:
+        return cfg.revision
+    paths = dict.fromkeys([cfg.pretrained_model_name_or_path, cfg.text_encoder_path])
+    h = hashlib.sha256()
+    for p in paths:
+        root = Path(p)
+        if not root.is_dir():
+            h.update(f"hub:{p}".encode())
+            continue
+        for file in sorted(f for f in root.rglob("*") if f.is_file() and not _hidden(f.relative_to(root))):
+            h.update(
+                f"{file.relative_to(root).as_posix()}:{file.stat().st_size}:{_file_digest(file)}\n".encode()
+            )
+    return "sha256:" + h.hexdigest()
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _file_digest(path: Path) -> str:
+    size = path.stat().st_size
+    if size <= FULL_HASH_LIMIT:
+        return sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for start in (0, size // 2, size - HASH_WINDOW):
+            f.seek(start)
+            h.update(f.read(HASH_WINDOW))
+    return "windows:" + h.hexdigest()
 
 
 def _dtype(precision: str, default: torch.dtype = torch.float32) -> torch.dtype:

@@ -53,6 +53,7 @@ def tiny_params_file(tmp_path, tiny_wan_dir) -> Path:
         ("evaluate", "metrics_path"),
         ("evaluate", "report_dir"),
         ("evaluate", "videos_dir"),
+        ("evaluate", "teacher_reference_dir"),
     ]:
         raw[section][key] = str(tmp_path / raw[section][key])
     raw["cache"]["datasets"][0]["manifest"] = raw["generate"]["output_dir"]

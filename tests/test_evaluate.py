@@ -3,6 +3,7 @@ runs, and the whole stage end to end on the tiny profile."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from dmd import evaluate as ev
 from dmd.config import ToyConfig
@@ -177,7 +179,12 @@ def test_scores_and_report_on_hand_made_runs(tiny_params, tmp_path):
     saved = json.loads(Path(tiny_params.evaluate.metrics_path).read_text())
     assert saved["speedup_dit"] == pytest.approx(metrics["speedup_dit"])
     # the file DVC tracks holds the headline only; every run's details are beside the report
-    assert set(saved) == {"speedup_dit", "speedup_end_to_end", "nfe_ratio", "gap_closed", "student"}
+    assert set(saved) == {
+        "speedup_dit", "speedup_end_to_end", "nfe_ratio", "gap_closed", "student", "variety", "timed_videos",
+        "clips_from_reference",
+    }  # fmt: skip
+    assert saved["timed_videos"] == {name: 4 for name in ev.RUNS}
+    assert saved["clips_from_reference"] == {"teacher_full": False, "teacher_few": False}
     assert saved["student"]["sharpness"] == metrics["student"]["judge"]["sharpness"]
     details = json.loads((report.parent / ev.DETAILS).read_text())
     assert details["teacher_full"]["dit_seconds_per_video"] == pytest.approx(5.0)
@@ -323,6 +330,130 @@ def test_fused_lora_student_samples_like_the_adapter(tiny_params):
 
     tiny_params.evaluate.fuse_lora = False
     assert not ev.fuse_student_lora(load_student(path, tiny_params)[0], tiny_params)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The teacher reference: teacher clips reused across evaluations
+
+
+class TransformerPasses:
+    """Counts forward passes of every WanTransformer3DModel (teacher and student alike) while active: a global
+    module hook, independent of the NFE counters the evaluation keeps."""
+
+    def __enter__(self):
+        from diffusers import WanTransformer3DModel
+
+        self.calls = 0
+
+        def hook(module, args, output):
+            if isinstance(module, WanTransformer3DModel):
+                self.calls += 1
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def _evaluation(params, items) -> tuple[dict[str, ev.RunOutput], dict, int]:
+    with TransformerPasses() as passes:
+        runs = ev.run_all(params, items, torch.device("cpu"), progress=False)
+    return runs, ev.score_runs(params, items, runs, torch.device("cpu")), passes.calls
+
+
+def _reference_files(params) -> dict[tuple[str, int, int], Path]:
+    """{(prompt, seed, steps): file} of the teacher reference, read from each file's own metadata."""
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(Path(params.evaluate.teacher_reference_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        files[meta["prompt"], int(meta["seed"]), int(meta["steps"])] = path
+    return files
+
+
+def _quality(metrics: dict) -> dict:
+    return {"gap_closed": metrics["gap_closed"], **{name: metrics[name]["judge"] for name in ev.RUNS}}
+
+
+def test_a_second_evaluation_reuses_the_teacher_reference(tiny_params, caplog):
+    from dmd.eval_reference import FRAMES
+    from dmd.io import write_safetensors
+    from dmd.rollout import RolloutSchedule
+
+    _export_lora_student(tiny_params)
+    items = ev.plan(tiny_params)[:2]
+    tiny_params.evaluate.timed_reference_videos = 1
+    teacher_steps, student_steps = (
+        tiny_params.evaluate.teacher_steps,
+        RolloutSchedule.from_params(tiny_params).num_steps,
+    )
+    first, first_metrics, first_passes = _evaluation(tiny_params, items)
+    files = _reference_files(tiny_params)
+    assert set(files) == {(it.prompt, it.seed, s) for it in items for s in (teacher_steps, student_steps)}
+
+    again, metrics, passes = _evaluation(tiny_params, items)
+    # the teacher sampled on the timed item only: two teacher runs, CFG (cond + uncond) at each step
+    assert first_passes - passes == (len(items) - 1) * 2 * (teacher_steps + student_steps)
+    assert (
+        metrics["teacher_full"]["nfe"] == 2 * teacher_steps
+        and metrics["teacher_few"]["nfe"] == 2 * student_steps
+    )
+    for name in ev.TEACHER_RUNS:
+        assert again[name].clips_from_reference and metrics[name]["clips_from_reference"] is True
+        assert metrics[name]["timed_videos"] == len(again[name].speed.per_video) == 1
+    assert metrics["student"]["timed_videos"] == len(items) and not metrics["student"]["clips_from_reference"]
+    assert metrics["speedup_paired_videos"] == 1  # the teacher's timed video against the student's same item
+    for name in ev.RUNS:
+        assert all(np.array_equal(a, b) for a, b in zip(again[name].clips, first[name].clips, strict=True))
+    assert _quality(metrics) == _quality(first_metrics)
+    headline = ev.headline(metrics)
+    assert headline["timed_videos"] == {"teacher_full": 1, "teacher_few": 1, "student": len(items)}
+    assert headline["clips_from_reference"] == {"teacher_full": True, "teacher_few": True}
+    text = ev.write_outputs(tiny_params, items, again, metrics).read_text()
+    assert "| 1 (clips reused) |" in text and "come from the teacher reference" in text
+
+    # a truncated file: its run is sampled in full and the file rewritten, without an error
+    broken = files[items[-1].prompt, items[-1].seed, teacher_steps]
+    broken.write_bytes(broken.read_bytes()[:-100])
+    # a well-formed file whose clip is not what the teacher samples, on the timed item: the fresh clip is used
+    wrong = files[items[0].prompt, items[0].seed, student_steps]
+    zeros = np.zeros_like(first["teacher_few"].clips[0])
+    digest = hashlib.sha256(zeros.tobytes()).hexdigest()
+    write_safetensors(wrong, {FRAMES: torch.from_numpy(zeros)}, {"key": wrong.stem, "sha256": digest})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        third, metrics, passes = _evaluation(tiny_params, items)
+    assert not third["teacher_full"].clips_from_reference and metrics["teacher_full"]["timed_videos"] == len(
+        items
+    )
+    assert third["teacher_few"].clips_from_reference and metrics["teacher_few"]["timed_videos"] == 1
+    assert first_passes - passes == (len(items) - 1) * 2 * student_steps
+    assert str(broken) in caplog.text
+    assert "teacher_few: 1 of 1 re-sampled clips differ from the teacher reference" in caplog.text
+    assert _quality(metrics) == _quality(first_metrics)
+    rewritten = load_file(broken)[FRAMES].numpy()
+    np.testing.assert_array_equal(rewritten, first["teacher_full"].clips[-1])
+
+
+def test_a_changed_teacher_setting_resamples_every_item(tiny_params):
+    _export_lora_student(tiny_params)
+    items = ev.plan(tiny_params)[:2]
+    tiny_params.evaluate.timed_reference_videos = 1
+    first, _, first_passes = _evaluation(tiny_params, items)
+    old_files = set(_reference_files(tiny_params).values())
+
+    tiny_params.evaluate.teacher_guidance = 4.0  # the teacher's CFG: every teacher clip changes
+    changed, metrics, passes = _evaluation(tiny_params, items)
+    assert passes == first_passes
+    for name in ev.TEACHER_RUNS:
+        assert not changed[name].clips_from_reference and metrics[name]["timed_videos"] == len(items)
+        assert not np.array_equal(changed[name].clips[-1], first[name].clips[-1])
+    # the entries of the old guidance are removed; the folder holds the current ones
+    files = _reference_files(tiny_params)
+    assert len(files) == 2 * len(items) and not set(files.values()) & old_files
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ def seed_run(tmp_path_factory, wan_13b, webhook) -> dict:
         f"evaluate.metrics_path={root / 'eval.json'}",
         f"evaluate.report_dir={root / 'reports'}",
         f"evaluate.videos_dir={root / 'reports/videos'}",
+        f"evaluate.teacher_reference_dir={root / 'eval_reference'}",
     ]
     params = load(root / "params.yaml", here + SIZES)
     plan = generate.prepare(params)
