@@ -52,6 +52,9 @@ def test_wandb_offline_run_and_dvclive_hold_the_scalars(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # a wandb session another test started in this process would ignore the new WANDB_DIR
     cfg = TrainConfig(report_to="wandb", metrics_dir=str(tmp_path / "metrics"), tracker_run_name="tiny")
     tracker = Tracker(cfg, {"train": {"seed": 1}})
     for step in (1, 2, 3):
