@@ -272,7 +272,11 @@ def test_dvc_repro_and_the_deployment_agree_end_to_end(tmp_path, tiny_wan_dir, p
     assert_consistent(
         lock
     )  # lineage: the cache hash that trained the student, the student that was evaluated
-    assert {o["path"] for o in lock["stages"]["evaluate"]["outs"]} == {"metrics/eval.json", "reports", "eval_reference"}
+    assert {o["path"] for o in lock["stages"]["evaluate"]["outs"]} == {
+        "metrics/eval.json",
+        "reports",
+        "eval_reference",
+    }
     assert json.loads(dvc("status", "--json", cwd=ws).stdout) == {}
 
     # 2. the same DAG through a Prefect server, a runner (`dmd serve`) and `prefect deployment run`

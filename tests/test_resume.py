@@ -123,7 +123,9 @@ def test_dmd_train_says_what_it_did_with_the_checkpoints(world, tmp_path):
     env.update(OMP_NUM_THREADS="1", PREFECT_LOGGING_LEVEL="INFO")
     env.pop("DO_NOT_TRACK", None)
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)
-    env.pop("PREFECT_API_URL", None)  # the temporary server of a plain `dmd train`, whatever server this process has
+    env.pop(
+        "PREFECT_API_URL", None
+    )  # the temporary server of a plain `dmd train`, whatever server this process has
     result = subprocess.run(
         [sys.executable, "-m", "flows.cli", "train", "--params", str(params_file)],
         env=env, capture_output=True, text=True, timeout=600,
