@@ -173,6 +173,24 @@ def test_code_deps_are_exactly_what_each_stage_imports():
         )
 
 
+def test_the_committed_lock_keeps_the_shipped_teacher_up_to_date():
+    """The toy teacher is committed with its dvc.lock entry so that a fresh clone never retrains it (42 minutes):
+    every file that stage depends on must still have the content the lock records, as `dvc status` compares it."""
+    import hashlib
+
+    entry = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["toy_teacher"]
+    stale = [
+        dep["path"]
+        for dep in entry["deps"]
+        if (REPO / dep["path"]).is_file()
+        and hashlib.md5((REPO / dep["path"]).read_bytes()).hexdigest() != dep["md5"]
+    ]
+    assert not stale, (
+        f"{stale} changed since the teacher's lock entry: run `dvc commit -f toy_teacher` if the change "
+    )
+    "leaves the teacher's training as it was, else retrain it (`dvc repro -f toy_teacher`)"
+
+
 def test_real_params_survive_dvc_set_param(tmp_path):
     """`dvc exp run -S` rewrites params.yaml with DVC's YAML writer; the settings must still read the same."""
     from dvc.utils.hydra import apply_overrides
