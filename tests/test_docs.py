@@ -308,6 +308,9 @@ def test_the_readme_snippet_is_the_model_cards_for_the_default_settings(tmp_path
     assert readme.text.strip() == expected.strip()
 
 
+# every documented command, the whole tiny DAG several times over: longer than the suite's per-test limit on a
+# loaded 2-core machine
+@pytest.mark.timeout(2700)
 def test_the_docs_run_as_printed(workspace, tmp_path):
     runner = Runner(workspace, tmp_path)
     from flows.local_server import local_prefect_server
