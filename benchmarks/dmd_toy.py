@@ -115,6 +115,19 @@ def summarise(result: dict) -> dict:
     return {**{k: result[k] for k in keep}, **{f"acc_{a}": result["accuracy"][a] for a in ATTRIBUTES}}
 
 
+def held_out_set(teacher: Teacher, world: ToyWorld, seeds_per_caption: int, seed: int) -> SimpleNamespace:
+    """The held-out captions, each `seeds_per_caption` times, their prompt embeddings, one initial noise per clip
+    (the same for every run judged on it) and the world's reference clips of those captions."""
+    captions = [c for c in world.captions("held_out") for _ in range(seeds_per_caption)]
+    noise = torch.randn((len(captions), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
+    return SimpleNamespace(
+        captions=captions,
+        embeds=teacher.encode(captions),
+        noise=noise,
+        reference=reference_clips(world, captions),
+    )
+
+
 def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[object, float, list]:
     """The training run's own step on in-memory data: `dmd.train`'s optimizer groups (learning-rate schedule,
     clipping, weight decay), its per-step generator and its order (student update when `updates_generator`,
@@ -222,14 +235,13 @@ def main() -> int:
         latents=latents, embeds=embeds, noise=noise, captions=captions, negative=negative, empty=empty
     )
 
-    # held-out evaluation set: the same noise for every run
-    eval_captions = [c for c in world.captions("held_out") for _ in range(args.seeds)]
-    eval_embeds = teacher.encode(eval_captions)
-    eval_noise = torch.randn(
-        (len(eval_captions), *teacher.latent_shape),
-        generator=torch.Generator().manual_seed(base.evaluate.seed),
+    held_out = held_out_set(teacher, world, args.seeds, base.evaluate.seed)
+    eval_captions, eval_embeds, eval_noise, reference = (
+        held_out.captions,
+        held_out.embeds,
+        held_out.noise,
+        held_out.reference,
     )
-    reference = reference_clips(world, eval_captions)
     rows, grids = {}, {}
     machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__)
     guidance = base.evaluate.teacher_guidance

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dmd_toy import Teacher, batched, train_student  # noqa: E402
+from dmd_toy import Teacher, batched, held_out_set, train_student  # noqa: E402
 
 from dmd.config import load  # noqa: E402
 from dmd.io import write_json  # noqa: E402
 from dmd.rollout import RolloutSchedule, sample  # noqa: E402
-from dmd.toy.judge import judge_clips, reference_clips, start_variety  # noqa: E402
+from dmd.toy.judge import judge_clips, start_variety  # noqa: E402
 from dmd.toy.world import ATTRIBUTES, ToyWorld  # noqa: E402
 
 log = logging.getLogger("mode_coverage")
@@ -124,13 +124,13 @@ def main() -> int:
         latents=latents, embeds=embeds, noise=noise, captions=captions, negative=negative, empty=empty
     )
 
-    eval_captions = [c for c in world.captions("held_out") for _ in range(args.eval_seeds)]
-    eval_embeds = teacher.encode(eval_captions)
-    eval_noise = torch.randn(
-        (len(eval_captions), *teacher.latent_shape),
-        generator=torch.Generator().manual_seed(base.evaluate.seed),
+    held_out = held_out_set(teacher, world, args.eval_seeds, base.evaluate.seed)
+    eval_captions, eval_embeds, eval_noise, reference = (
+        held_out.captions,
+        held_out.embeds,
+        held_out.noise,
+        held_out.reference,
     )
-    reference = reference_clips(world, eval_captions)
 
     def decode(latents_BCTHW: torch.Tensor) -> list[np.ndarray]:
         return [c.numpy() for c in batched(lambda z: torch.from_numpy(teacher.decoder(z)), latents_BCTHW)]
