@@ -1,9 +1,9 @@
 """Mode coverage on the toy world (issue 20): DMD alone and with its mode-covering terms, 3 training seeds each.
 
 Rows: the 50-step teacher with CFG; DMD as params.yaml has it; DMD + regression; DMD + DMD2's GAN term;
-DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); DMD with one rollout per step; and
-the best of the mode-coverage rows (highest diversity among those with FD ≤ the teacher's and every attribute
-within 0.02 of it, else the highest diversity) with one rollout per step. Columns: attribute accuracies, FD,
+DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); DMD + regression + consistency;
+DMD with one rollout per step; and the best of the mode-coverage rows (highest diversity among those with FD ≤
+the teacher's and every attribute within 0.02 of it, else the highest diversity) with one rollout per step. Columns: attribute accuracies, FD,
 motion consistency, diversity and pairwise diversity (`dmd.metrics.start_position_variety`), training seconds
 per step. Every student row is the mean ± standard deviation over its training seeds; the teacher's spread is the
 bootstrap spread over evaluation seeds. Each figure of one student also carries its own bootstrap spread in the
@@ -56,6 +56,7 @@ CANDIDATES = {
     "DMD + GAN": GAN,
     "DMD + regression + GAN": REGRESSION + GAN,
     "DMD + consistency (rCM-style)": CONSISTENCY,
+    "DMD + regression + consistency": REGRESSION + CONSISTENCY,
 }
 FIGURES = ("fd", "motion_consistency", "diversity", "pairwise_diversity", "accuracy_all") + tuple(
     f"acc_{a}" for a in ATTRIBUTES
