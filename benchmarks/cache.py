@@ -26,12 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmd import cache as cache_lib  # noqa: E402
-from dmd.config import Params  # noqa: E402
-from dmd.io import write_json  # noqa: E402
-from dmd.synthetic import synthetic_clip  # noqa: E402
-from dmd.tiny import save_tiny_wan  # noqa: E402
-from dmd.video import read_video, write_video  # noqa: E402
+from dmd.core.config import Params  # noqa: E402
+from dmd.core.io import write_json  # noqa: E402
+from dmd.core.video import read_video, write_video  # noqa: E402
+from dmd.data import cache as cache_lib  # noqa: E402
+from dmd.data.synthetic import synthetic_clip  # noqa: E402
+from dmd.wan.tiny import save_tiny_wan  # noqa: E402
 
 TOY_TEACHER = REPO / "models" / "toy-teacher"
 

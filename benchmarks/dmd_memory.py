@@ -67,10 +67,10 @@ def _build(config: str):
     import torch
     from diffusers import WanTransformer3DModel
 
-    from dmd.config import Params
-    from dmd.method import DMDMethod
-    from dmd.roles import make_roles
-    from dmd.wan import add_lora, quantize_int8
+    from dmd.core.config import Params
+    from dmd.distill.method import DMDMethod
+    from dmd.distill.roles import make_roles
+    from dmd.wan.loading import add_lora, quantize_int8
 
     torch.manual_seed(0)
     base = WanTransformer3DModel(
@@ -126,7 +126,7 @@ def _finetune_step(base, optimizer, batch, gen):
     """One LoRA flow-matching step: x_σ from data, predict v = ε − x0."""
     import torch
 
-    from dmd.flow_matching import add_noise, velocity_target
+    from dmd.core.flow_matching import add_noise, velocity_target
 
     x0 = batch.latents_BCTHW
     noise = torch.randn(x0.shape, generator=gen)
@@ -162,7 +162,7 @@ def _time(fn, repeats: int, warm_up: bool = True) -> float:
 def child(config: str, repeats: int, threads: int) -> dict:
     import torch
 
-    from dmd.metrics import dmd_pass_seconds, dmd_step_pass_counts
+    from dmd.evaluation.metrics import dmd_pass_seconds, dmd_step_pass_counts
 
     torch.set_num_threads(threads)
     after_import = _rss_kib("VmRSS")
@@ -227,7 +227,7 @@ def main() -> int:
 
     import torch
 
-    from dmd.io import write_json
+    from dmd.core.io import write_json
 
     machine = {
         "platform": platform.platform(),

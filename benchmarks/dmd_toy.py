@@ -1,6 +1,6 @@
 """Tuning harness for the DMD method on the toy world: train students with `DMDMethod` directly, judge them.
 
-Every trial trains a 3-step student with the training run's own step (`dmd.train`'s optimizer groups,
+Every trial trains a 3-step student with the training run's own step (`dmd.training.loop`'s optimizer groups,
 learning-rate schedule, per-step generator, update order, EMA) on in-memory data: the prompts of the toy world's
 training captions and, when a trial reads them (rollouts from data, the regression loss), the teacher's clips made
 as the generate stage makes them (50 steps, CFG generate.guidance_scale, negative prompt). Each student is judged
@@ -38,18 +38,18 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from dmd.config import Params, load
-from dmd.ema import EMA
-from dmd.evaluate import LatentDecoder, load_teacher_pipeline, scheduler_with_shift
-from dmd.io import atomic_path, write_json
-from dmd.method import DMDMethod
-from dmd.metrics import gap_closed
-from dmd.roles import build_roles
-from dmd.rollout import RolloutSchedule, sample
+from dmd.core.config import Params, load
+from dmd.core.io import atomic_path, write_json
+from dmd.distill.method import DMDMethod
+from dmd.distill.roles import build_roles
+from dmd.distill.rollout import RolloutSchedule, sample
+from dmd.evaluation.evaluate import LatentDecoder, load_teacher_pipeline, scheduler_with_shift
+from dmd.evaluation.metrics import gap_closed
 from dmd.toy.judge import judge_clips, reference_clips
 from dmd.toy.world import ATTRIBUTES, ToyWorld
-from dmd.train import build_groups, step_generator
-from dmd.wan import encode_prompts
+from dmd.training.ema import EMA
+from dmd.training.loop import build_groups, step_generator
+from dmd.wan.loading import encode_prompts
 
 log = logging.getLogger("dmd_toy")
 RESULTS = Path(__file__).parent / "results" / "dmd_toy.json"
@@ -129,7 +129,7 @@ def held_out_set(teacher: Teacher, world: ToyWorld, seeds_per_caption: int, seed
 
 
 def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[object, float, list]:
-    """The training run's own step on in-memory data: `dmd.train`'s optimizer groups (learning-rate schedule,
+    """The training run's own step on in-memory data: `dmd.training.loop`'s optimizer groups (learning-rate schedule,
     clipping, weight decay), its per-step generator and its order (student update when `updates_generator`,
     then the critic), and EMA. Returns the roles with the EMA weights swapped in when train.use_ema, the wall
     time of the loop, and the metrics log."""

@@ -13,7 +13,7 @@ by default the whole target of params, i.e. what the generate stage of the defau
                  (Prefect's flow-run start and finish, the plan, status checks, the manifest)
   files          the files of one video written alone (mp4 encode, latents, noise, sha256), per video
   plain script   the teacher's WanPipeline called on the main thread of a process of its own, as a plain script
-                 would (see TeacherSampler in dmd/generate.py for why the flow samples on one dedicated thread)
+                 would (see TeacherSampler in dmd/data/generate.py for why the flow samples on one dedicated thread)
 Rounds of teacher, flow 2, flow 1, no-work flow, interleaved; each kind keeps its best time, since the machine
 may be shared. One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
 reported apart: they do not grow with the data set.
@@ -48,7 +48,8 @@ def random_toy_teacher(params, directory: Path) -> Path:
     """A Wan pipeline of the toy teacher's architecture with random weights."""
     from diffusers import WanPipeline
 
-    from dmd.tiny import (
+    from dmd.toy.world import ToyWorld
+    from dmd.wan.tiny import (
         build_scheduler,
         build_text_encoder,
         build_tokenizer,
@@ -56,7 +57,6 @@ def random_toy_teacher(params, directory: Path) -> Path:
         build_vae,
         save_pipeline,
     )
-    from dmd.toy.world import ToyWorld
 
     cfg = params.toy_teacher
     tokenizer = build_tokenizer(ToyWorld(params.toy).vocabulary())
@@ -110,8 +110,8 @@ def plain_script(params_file: str, rounds: int) -> int:
     as the flow batches them (output_type="np": denoising and VAE decode)."""
     from diffusers import WanPipeline
 
-    from dmd.config import load
-    from dmd.generate import initial_noise, latent_shape, prepare
+    from dmd.core.config import load
+    from dmd.data.generate import initial_noise, latent_shape, prepare
 
     params = load(params_file)
     plan = prepare(params)
@@ -145,7 +145,7 @@ def plain_script(params_file: str, rounds: int) -> int:
 
 def files_per_video(sampler, plan, directory: Path, repeats: int = 3) -> float:
     """Seconds to write one video's files (mp4, latents, noise, sha256) as a shard does, best of `repeats`."""
-    from dmd.generate import _write_sample
+    from dmd.data.generate import _write_sample
 
     samples = plan.samples(0)
     out = sampler.sample(samples, plan.params)
@@ -161,7 +161,7 @@ def files_per_video(sampler, plan, directory: Path, repeats: int = 3) -> float:
 
 
 def flow_pass(params, workdir: Path, name: str, shards: range, workers: int) -> tuple[float, dict]:
-    from dmd.config import dump, load
+    from dmd.core.config import dump, load
     from flows.generate import generate_teacher_data
 
     params_file = workdir / f"{name}.yaml"
@@ -194,9 +194,9 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-    from dmd.config import dump, load
-    from dmd.generate import TeacherSampler, prepare
-    from dmd.io import write_json
+    from dmd.core.config import dump, load
+    from dmd.core.io import write_json
+    from dmd.data.generate import TeacherSampler, prepare
 
     params = load(args.params)
     if (TOY_TEACHER / "model_index.json").is_file():

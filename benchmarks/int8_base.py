@@ -6,7 +6,7 @@ shipped for. Two measurements, in one run:
 
 (a) The toy world (the shipped teacher `models/toy-teacher`, params.yaml with a LoRA student and a LoRA critic):
     a 3-step LoRA student is trained on the int8 base and another on the fp32 base, each with the training run's
-    own step (`benchmarks/dmd_toy.py`'s `train_student`), exported with `dmd.export.export_student`, and loaded
+    own step (`benchmarks/dmd_toy.py`'s `train_student`), exported with `dmd.student.export.export_student`, and loaded
     back as a diffusers LoRA on each base (`load_lora_adapter`). Every combination samples the held-out captions
     from the same initial noise and re-noising; the toy judge scores them (attribute accuracy, sharpness, FD to real
     clips, motion, diversity) next to the teacher (50 steps + CFG and 3 steps + CFG, on each base). Paired figures
@@ -15,7 +15,7 @@ shipped for. Two measurements, in one run:
     fp32 base.
 
 (b) The real widths: a `dmd wan-skeleton` directory of Wan 2.1 T2V 1.3B (random weights, 1 transformer layer, 1
-    text-encoder layer), a rank-128 LoRA on `dmd.wan.LORA_TARGETS` whose B matrices are random (a stand-in for a
+    text-encoder layer), a rank-128 LoRA on `dmd.wan.loading.LORA_TARGETS` whose B matrices are random (a stand-in for a
     trained LoRA, sized relative to the weights it adapts), and a prompt encoded by the skeleton's text encoder.
     Relative x0 differences ‖x0_a − x0_b‖ / ‖x0_b‖ at a few σ against the fp32 base: the int8 base (computing in
     fp32, and in bf16 as `mixed_precision: bf16` trains it), and a bf16 base for scale; each without and with the
@@ -48,15 +48,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.dmd_toy import Teacher, batched, summarise, train_student  # noqa: E402
-from dmd.config import Params, load  # noqa: E402
-from dmd.export import LORA_WEIGHTS, STUDENT_ADAPTER, export_student  # noqa: E402
-from dmd.flow_matching import add_noise, sigma_to_timestep, x0_from_velocity  # noqa: E402
-from dmd.io import write_json  # noqa: E402
-from dmd.metrics import gap_closed  # noqa: E402
-from dmd.rollout import RolloutSchedule, sample, transformer_velocity  # noqa: E402
+from dmd.core.config import Params, load  # noqa: E402
+from dmd.core.flow_matching import add_noise, sigma_to_timestep, x0_from_velocity  # noqa: E402
+from dmd.core.io import write_json  # noqa: E402
+from dmd.distill.rollout import RolloutSchedule, sample, transformer_velocity  # noqa: E402
+from dmd.evaluation.metrics import gap_closed  # noqa: E402
+from dmd.student.export import LORA_WEIGHTS, STUDENT_ADAPTER, export_student  # noqa: E402
 from dmd.toy.judge import judge_clips, reference_clips  # noqa: E402
 from dmd.toy.world import ATTRIBUTES, ToyWorld  # noqa: E402
-from dmd.wan import add_lora, load_transformer  # noqa: E402
+from dmd.wan.loading import add_lora, load_transformer  # noqa: E402
 
 log = logging.getLogger("int8_base")
 RESULTS = REPO / "benchmarks" / "results" / "int8_base.json"
@@ -276,8 +276,8 @@ def toy(args, machine: dict, results: dict) -> None:
 
 
 def real(args, machine: dict, results: dict) -> None:
-    from dmd.skeleton import save_skeleton
-    from dmd.wan import encode_prompts, load_text_encoder
+    from dmd.wan.loading import encode_prompts, load_text_encoder
+    from dmd.wan.skeleton import save_skeleton
 
     start = time.perf_counter()
     root = save_skeleton(args.workdir / "wan", config="1.3b", num_layers=1, text_encoder_layers=1)

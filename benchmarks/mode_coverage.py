@@ -4,7 +4,7 @@ Rows: the 50-step teacher with CFG; DMD as params.yaml has it; DMD + regression;
 DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); DMD + regression + consistency;
 DMD with one rollout per step; and the best of the mode-coverage rows (highest diversity among those with FD ≤
 the teacher's and every attribute within 0.02 of it, else the highest diversity) with one rollout per step. Columns: attribute accuracies, FD,
-motion consistency, diversity and pairwise diversity (`dmd.metrics.start_position_variety`), training seconds
+motion consistency, diversity and pairwise diversity (`dmd.evaluation.metrics.start_position_variety`), training seconds
 per step. Every student row is the mean ± standard deviation over its training seeds; the teacher's spread is the
 bootstrap spread over evaluation seeds. Each figure of one student also carries its own bootstrap spread in the
 JSON.
@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from dmd_toy import Teacher, batched, held_out_set, train_student  # noqa: E402
 
-from dmd.config import load  # noqa: E402
-from dmd.io import write_json  # noqa: E402
-from dmd.rollout import RolloutSchedule, sample  # noqa: E402
+from dmd.core.config import load  # noqa: E402
+from dmd.core.io import write_json  # noqa: E402
+from dmd.distill.rollout import RolloutSchedule, sample  # noqa: E402
 from dmd.toy.judge import judge_clips, start_variety  # noqa: E402
 from dmd.toy.world import ATTRIBUTES, ToyWorld  # noqa: E402
 

@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmd.config import dump, load  # noqa: E402
-from dmd.io import write_json  # noqa: E402
-from dmd.tiny import save_tiny_wan  # noqa: E402
+from dmd.core.config import dump, load  # noqa: E402
+from dmd.core.io import write_json  # noqa: E402
+from dmd.wan.tiny import save_tiny_wan  # noqa: E402
 from flows.local_server import local_prefect_server  # noqa: E402
 
 BIN = Path(sys.executable).parent

@@ -23,8 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmd.config import load  # noqa: E402
-from dmd.io import atomic_path, write_json  # noqa: E402
+from dmd.core.config import load  # noqa: E402
+from dmd.core.io import atomic_path, write_json  # noqa: E402
 from dmd.toy.judge import judge_clips, reference_clips  # noqa: E402
 from dmd.toy.teacher import sample_clips, vae_round_trip  # noqa: E402
 from dmd.toy.world import ToyWorld  # noqa: E402

@@ -2,7 +2,7 @@
 
 1. Sampling, 1.3B, 480×832, 81 frames (latent 16×21×60×104): the teacher, 50 steps with CFG (two transformer
    passes per step, as `WanPipeline` with guidance_scale > 1), against the 3-step student (one pass per step,
-   `dmd.rollout.sample`); DiT seconds and VAE-decode seconds, interleaved, medians; the DiT speed-up.
+   `dmd.distill.rollout.sample`); DiT seconds and VAE-decode seconds, interleaved, medians; the DiT speed-up.
 2. One DMD step, 1.3B, at that latent, as `dmd train` runs it (accelerate with mixed_precision bf16, a bf16 base,
    gradient checkpointing, `TrainableGroup` updates, optimizer adamw_bf16), LoRA rank-128 student: peak memory and
    seconds for (a) a LoRA critic on the shared base, (b) the same on an int8-quanto base, (c) a full-copy critic,
@@ -11,7 +11,7 @@
 3. 14B: does one DMD step of (a), else (b), fit on the GPU at 480p × 81 frames, at what peak memory and time; if
    not, the longest latent clip (21, 17, 13, 9, 5, 1 latent frames) at which one does.
 
-Models are built directly on the device in bf16 from `dmd/wan_configs/` (`dmd.skeleton.build_transformer`); prompt
+Models are built directly on the device in bf16 from `dmd/wan/configs/` (`dmd.wan.skeleton.build_transformer`); prompt
 embeddings are random tensors of the text encoder's output shape (the text encoder's time is not measured). The
 student is timed on the base transformer: an exported student has the teacher's architecture (a LoRA student fused).
 
@@ -43,10 +43,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dmd.config import Params  # noqa: E402
-from dmd.flow_matching import add_noise, sigma_to_timestep, velocity_target  # noqa: E402
-from dmd.io import write_json  # noqa: E402
-from dmd.metrics import (  # noqa: E402
+from dmd.core.config import Params  # noqa: E402
+from dmd.core.flow_matching import add_noise, sigma_to_timestep, velocity_target  # noqa: E402
+from dmd.core.io import write_json  # noqa: E402
+from dmd.core.noise import initial_noise, randn  # noqa: E402
+from dmd.evaluation.metrics import (  # noqa: E402
     NFECounter,
     PeakMemory,
     dmd_pass_seconds,
@@ -54,8 +55,7 @@ from dmd.metrics import (  # noqa: E402
     speedup,
     synchronize,
 )
-from dmd.noise import initial_noise, randn  # noqa: E402
-from dmd.skeleton import build_transformer, build_vae, config_folder, read_configs  # noqa: E402
+from dmd.wan.skeleton import build_transformer, build_vae, config_folder, read_configs  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "wan_scale.json"
 PARTS = ("sampling", "dmd_step", "fit_14b")
@@ -192,8 +192,8 @@ def sampling(scale: Scale, device: torch.device) -> dict:
     import diffusers
     from diffusers import WanPipeline
 
-    from dmd.evaluate import LatentDecoder, StudentSampler, TeacherSampler
-    from dmd.rollout import RolloutSchedule
+    from dmd.distill.rollout import RolloutSchedule
+    from dmd.evaluation.evaluate import LatentDecoder, StudentSampler, TeacherSampler
 
     configs = read_configs(config_folder("1.3b"))
     transformer = build_transformer(configs, SEED, scale.num_layers, device, torch.bfloat16)
@@ -268,7 +268,7 @@ def sampling(scale: Scale, device: torch.device) -> dict:
             "dit_seconds_median": teacher_s,
         },
         "student": {
-            "sampler": "dmd.rollout.sample, one time block",
+            "sampler": "dmd.distill.rollout.sample, one time block",
             "steps": schedule.num_steps,
             "sigmas": list(schedule.sigmas),
             "transformer_passes": calls_of("student"),
@@ -332,10 +332,10 @@ def run_config(
     """Build `config` on `model` at `frames` latent frames and run one warm-up step and `repeats` timed steps: peak
     memory over all of them (the warm-up allocates the optimizer state, which the timed steps then hold),
     seconds of the timed ones."""
-    from dmd.method import DMDMethod
-    from dmd.roles import MIXED_PRECISION_DTYPES, make_roles
-    from dmd.train import build_groups, step_generator
-    from dmd.wan import place_int8
+    from dmd.distill.method import DMDMethod
+    from dmd.distill.roles import MIXED_PRECISION_DTYPES, make_roles
+    from dmd.training.loop import build_groups, step_generator
+    from dmd.wan.loading import place_int8
 
     device = acc.device
     free_memory(device)
@@ -386,7 +386,7 @@ def run_config(
             updates["critic"] = critic.update(partial(method.critic_loss, generator=generator), [batch])
             return {name: u.finite for name, u in updates.items()}
 
-    for module in modules:  # as dmd.train does with gradient_checkpointing
+    for module in modules:  # as dmd.training.loop does with gradient_checkpointing
         module.enable_gradient_checkpointing()
     after_build = resident_mib(device)
     seconds, finite = [], []
@@ -442,10 +442,10 @@ def run_config(
 
 def finetune_step(base, params: Params, batch, acc):
     """(d): a LoRA student on the base, one flow-matching step x_σ = (1−σ)·x0 + σ·ε → v = ε − x0 per update."""
-    from dmd.optim import TrainableGroup, build_lr_scheduler, build_optimizer
-    from dmd.roles import STUDENT_ADAPTER
-    from dmd.rollout import transformer_velocity
-    from dmd.wan import add_lora
+    from dmd.distill.roles import STUDENT_ADAPTER
+    from dmd.distill.rollout import transformer_velocity
+    from dmd.training.optim import TrainableGroup, build_lr_scheduler, build_optimizer
+    from dmd.wan.loading import add_lora
 
     cfg = params.train
     device = acc.device

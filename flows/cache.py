@@ -9,10 +9,10 @@ import sys
 from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmd.cache import CacheSummary, NoUsableSamplesError, progress_line
-from dmd.config import Params, load
-from dmd.datasets import DatasetError, check_datasets
-from dmd.wan import ModelNotFoundError
+from dmd.core.config import Params, load
+from dmd.data.cache import CacheSummary, NoUsableSamplesError, progress_line
+from dmd.data.datasets import DatasetError, check_datasets
+from dmd.wan.loading import ModelNotFoundError
 from flows.subflow import run_stage_flow
 from tasks.cache import embed_captions_task, encode_chunk_task, finalize_cache_task, plan_cache_task
 
@@ -44,8 +44,8 @@ def cache_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
 def check_inputs(params: Params) -> None:
     """What the cache reads, checked before Prefect starts: the model directory (ModelNotFoundError, or a
     ConfigError naming the setting) and every enabled dataset's manifest or folder (DatasetError naming its key)."""
-    from dmd.cache import default_device
-    from dmd.wan import check_model_dir, model_source
+    from dmd.data.cache import default_device
+    from dmd.wan.loading import check_model_dir, model_source
 
     model = params.model
     model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")

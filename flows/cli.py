@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from dmd.config import ConfigError, load
+from dmd.core.config import ConfigError, load
 
 # Telemetry is off unless the user chose otherwise: the pipeline is meant to run offline, where every attempt to
 # send it ends in an error line. Set before Prefect or DVC is imported, which read them once.
@@ -28,9 +28,9 @@ HANDLERS = {
     "evaluate": "flows.evaluate:main",
     "pipeline": "flows.pipeline:main",
     "serve": "flows.pipeline:serve_main",
-    "sample": "dmd.sample:main",
+    "sample": "dmd.student.sample:main",
     "judge": "dmd.toy.judge:main",
-    "wan-skeleton": "dmd.skeleton:main",
+    "wan-skeleton": "dmd.wan.skeleton:main",
 }
 SET_HELP = (
     "override one setting (repeatable); VALUE is read as YAML 1.2, as in params.yaml: `key=a red square, moving` "
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
-            from dmd import simpletuner
+            from dmd.core import simpletuner
 
             return simpletuner.config_command(args)
         if hasattr(args, "overrides"):
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(importlib.import_module(module), func)
         if args.command not in FLOW_COMMANDS:
             return handler(args) or 0
-        from dmd.process import stop_children_with_this_process, stop_with_parent
+        from dmd.core.process import stop_children_with_this_process, stop_with_parent
         from flows.logs import route_library_logs
 
         stop_with_parent()  # a killed `dvc repro` or pipeline run takes its stage with it, instead of an orphan

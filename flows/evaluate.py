@@ -8,11 +8,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dmd import evaluate as lib
-from dmd.config import dump_stage, load
-from dmd.io import remove_stale_temporaries, write_text
-from dmd.metrics import FeatureModelError
-from dmd.wan import ModelNotFoundError
+from dmd.core.config import dump_stage, load
+from dmd.core.io import remove_stale_temporaries, write_text
+from dmd.evaluation import evaluate as lib
+from dmd.evaluation.metrics import FeatureModelError
+from dmd.wan.loading import ModelNotFoundError
 from flows.subflow import run_stage_flow
 from tasks.evaluate import sample_runs, score, write_outputs
 
@@ -40,7 +40,7 @@ def publish_report(report: Path, metrics: dict, labels: dict[str, str]) -> None:
     the results on the run's page (Artifacts tab) and under Artifacts, keyed eval-report / eval-figures."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from dmd.report import figure_rows, self_contained
+    from dmd.evaluation.report import figure_rows, self_contained
 
     create_markdown_artifact(
         markdown=self_contained(Path(report).read_text(), Path(report).parent),

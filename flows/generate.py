@@ -31,8 +31,9 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmd.config import GenerateConfig, Params, dump_stage, load
-from dmd.generate import (
+from dmd.core.config import GenerateConfig, Params, dump_stage, load
+from dmd.core.io import remove_stale_temporaries, write_text
+from dmd.data.generate import (
     GenerationError,
     GenerationPlan,
     missing_shards,
@@ -41,9 +42,8 @@ from dmd.generate import (
     settings_hash,
     write_manifest,
 )
-from dmd.io import remove_stale_temporaries, write_text
-from dmd.prompts import PromptLibraryError
-from dmd.wan import ModelNotFoundError
+from dmd.data.prompts import PromptLibraryError
+from dmd.wan.loading import ModelNotFoundError
 from flows.subflow import run_stage_flow
 from tasks.generate import GPU_LIMIT, generate_shard_task
 

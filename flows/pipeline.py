@@ -33,8 +33,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 from pydantic import SecretStr
 
-from dmd.config import ConfigError, load, set_overrides
-from dmd.io import process_running
+from dmd.core.config import ConfigError, load, set_overrides
+from dmd.core.io import process_running
 
 PARAMS_FILE = "params.yaml"  # the file dvc.yaml's `params:` entries are read from
 # Retries per stage, where a rerun can succeed and resumes rather than restarts: generation keeps finished
@@ -277,7 +277,7 @@ def reproduce_stage(stage: str, workspace: str) -> str:
 def apply_overrides(params_file: str, overrides: list[str]) -> None:
     """Write `section.key=value` overrides into params.yaml with DVC's own YAML writer (comments and layout kept,
     as `dvc exp run -S` writes them); all or nothing. The values are read as every `dmd --set` reads them
-    (dmd.config.set_overrides), not with Hydra's grammar, so one override means the same to every command."""
+    (dmd.core.config.set_overrides), not with Hydra's grammar, so one override means the same to every command."""
     from dvc.utils.serialize import modify_yaml
 
     path = Path(params_file)
@@ -307,7 +307,7 @@ _NOTIFY_URLS: dict[str, str] = {}
 def notify_failure(flow, flow_run, state) -> None:
     """on_failure hook: log what failed and, when the run has a `notify_url` or `notify_secret`, POST it a JSON
     summary. The URL's path and query carry its token: logs and the summary show it reduced to its host."""
-    from dmd.webhooks import Webhook, WebhookConfig, redact_url
+    from dmd.training.webhooks import Webhook, WebhookConfig, redact_url
 
     logger = get_logger("dmd.pipeline")
     logger.error("dmd-pipeline run %s failed: %s", flow_run.name, state.message)
@@ -339,7 +339,7 @@ def _redact_stored_url(flow_run_id: str, url: str) -> None:
     """Prefect stores a run's parameters as the caller passed them: keep `notify_url` reduced to its host there."""
     from prefect.client.orchestration import get_client
 
-    from dmd.webhooks import redact_url
+    from dmd.training.webhooks import redact_url
 
     with get_client(sync_client=True) as client:
         parameters = client.read_flow_run(flow_run_id).parameters

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from dmd.config import dump, load
-from dmd.io import write_text
+from dmd.core.config import dump, load
+from dmd.core.io import write_text
 from dmd.toy.teacher import train_teacher
 from flows.subflow import run_stage_flow
 

@@ -1,5 +1,5 @@
 """`dmd train`: the `train` flow. One task trains and exports the student (on `train.num_processes` processes
-through dmd.launch when above 1), then the flow writes params.effective.yaml beside the student."""
+through dmd.training.launch when above 1), then the flow writes params.effective.yaml beside the student."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from dmd.checkpoint import CheckpointError
-from dmd.config import ConfigError, dump_stage, load
-from dmd.io import write_text
-from dmd.train import NonFiniteError
+from dmd.core.config import ConfigError, dump_stage, load
+from dmd.core.io import write_text
+from dmd.training.checkpoint import CheckpointError
+from dmd.training.loop import NonFiniteError
 from flows.subflow import run_stage_flow
 from tasks.train import train_student
 
@@ -37,8 +37,8 @@ def train_flow(
 def check_inputs(params) -> None:
     """What training reads, checked before Prefect starts: the teacher directory (a ConfigError names the
     setting) and the cache (FileNotFoundError says how to build it)."""
-    from dmd.cache import open_cache
-    from dmd.wan import check_model_dir
+    from dmd.data.cache import open_cache
+    from dmd.wan.loading import check_model_dir
 
     check_model_dir(params.model)
     open_cache(params.cache.output_dir)

@@ -10,8 +10,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dmd import cache
-from dmd.config import Params
+from dmd.core.config import Params
+from dmd.data import cache
 
 
 @task(name="plan-cache", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""Prefect tasks of the evaluation stage: thin wrappers around dmd.evaluate, one per unit of work.
+"""Prefect tasks of the evaluation stage: thin wrappers around dmd.evaluation.evaluate, one per unit of work.
 
 All tasks run in the flow's process (timings are comparable only within one process) and keep no cache: the
 inputs are videos in memory and the point of the stage is to measure afresh.
@@ -12,8 +12,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dmd import evaluate
-from dmd.config import Params
+from dmd.core.config import Params
+from dmd.evaluation import evaluate
 
 
 @task(name="sample-runs", cache_policy=NO_CACHE)

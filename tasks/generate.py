@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from dmd.generate import GenerationPlan, generate_shard
+from dmd.data.generate import GenerationPlan, generate_shard
 
 GPU_LIMIT = "gpu"
 

@@ -1,4 +1,4 @@
-"""Prefect task of the training stage: one training run, in this process or as workers started by dmd.launch.
+"""Prefect task of the training stage: one training run, in this process or as workers started by dmd.training.launch.
 
 No retries: a failed run keeps its checkpoints, and rerunning the stage resumes from the latest one.
 """
@@ -13,13 +13,13 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dmd.config import load
+from dmd.core.config import load
 
 
 def launch_command(params_file: str, overrides: list[str], num_processes: int) -> list[str]:
-    """`python -m dmd.train` on `num_processes` processes of this machine, through torchrun with every socket on
-    loopback (dmd/launch.py)."""
-    return [sys.executable, "-m", "dmd.launch", str(num_processes), params_file, *overrides]
+    """`python -m dmd.training.loop` on `num_processes` processes of this machine, through torchrun with every socket on
+    loopback (dmd/training/launch.py)."""
+    return [sys.executable, "-m", "dmd.training.launch", str(num_processes), params_file, *overrides]
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -27,7 +27,7 @@ def train_student(params_file: str, overrides: list[str], progress: bool = True)
     """Train and export the student; returns its directory."""
     params = load(params_file, overrides)
     if params.train.num_processes == 1:
-        from dmd.train import train
+        from dmd.training.loop import train
 
         return train(params, progress=progress)
     # each worker reads its settings (mixed precision included) from the params file

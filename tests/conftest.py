@@ -33,7 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def tiny_wan_dir(tmp_path_factory) -> Path:
     """A tiny diffusers Wan directory (random weights, local tokenizer), built once per test session."""
-    from dmd.tiny import save_tiny_wan
+    from dmd.wan.tiny import save_tiny_wan
 
     return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan") / "tiny-wan")
 
@@ -64,7 +64,7 @@ def tiny_params_file(tmp_path, tiny_wan_dir) -> Path:
 
 @pytest.fixture
 def tiny_params(tiny_params_file):
-    from dmd.config import load
+    from dmd.core.config import load
 
     return load(tiny_params_file)
 

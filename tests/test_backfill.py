@@ -16,8 +16,8 @@ import pytest
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-from dmd.config import load
-from dmd.generate import missing_shards, prepare
+from dmd.core.config import load
+from dmd.data.generate import missing_shards, prepare
 from flows.local_server import stop_process
 
 REPO = Path(__file__).resolve().parents[1]

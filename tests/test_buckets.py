@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dmd.buckets import (
+from dmd.data.buckets import (
     Bucket,
     bucket_size,
     frame_indices,

@@ -15,10 +15,10 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 from safetensors.torch import save_file
 
-from dmd import cache as cache_lib
-from dmd.config import Params
-from dmd.synthetic import synthetic_clip
-from dmd.video import read_video, write_video
+from dmd.core.config import Params
+from dmd.core.video import read_video, write_video
+from dmd.data import cache as cache_lib
+from dmd.data.synthetic import synthetic_clip
 
 LATENTS_MEAN = [0.3, -0.2, 0.1, 0.5]
 LATENTS_STD = [0.5, 2.0, 1.5, 0.8]
@@ -175,8 +175,8 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
 
 _BUILD_IN_CHILD = """
 import sys
-from dmd.cache import build_cache
-from dmd.config import load
+from dmd.data.cache import build_cache
+from dmd.core.config import load
 build_cache(load(sys.argv[1]), "cpu")
 """
 
@@ -186,7 +186,7 @@ def test_a_clip_in_a_folder_that_cannot_be_listed_is_a_problem(wan_dir, tmp_path
     import subprocess
     import sys
 
-    from dmd.config import dump
+    from dmd.core.config import dump
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -281,7 +281,7 @@ def test_embeddings_equal_wan_pipeline(wan_dir, tmp_path, precision):
 
     pipe = WanPipeline.from_pretrained(wan_dir)
     if precision == "int8-quanto":
-        from dmd.wan import quantize_int8
+        from dmd.wan.loading import quantize_int8
 
         quantize_int8(pipe.text_encoder)
 
@@ -363,7 +363,7 @@ def write_teacher_shard(root: Path, shard: int, rows: list[dict], latent_shape, 
         save_file(
             {"noise": torch.randn(latent_shape, generator=gen)}, str(folder / f"{vid}.noise.safetensors")
         )
-        from dmd.io import sha256_file
+        from dmd.core.io import sha256_file
 
         records.append(
             {
@@ -496,7 +496,7 @@ def test_cache_flow_runs_from_the_cli_entry_point(
 
 _KILLED_WHILE_WRITING = """
 import os, signal, sys
-from dmd.io import atomic_path
+from dmd.core.io import atomic_path
 
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half a shard")
@@ -508,7 +508,7 @@ def test_a_rerun_removes_what_a_killed_run_was_writing_and_nothing_else(wan_dir,
     import subprocess
     import sys
 
-    from dmd.io import atomic_path
+    from dmd.core.io import atomic_path
 
     videos = tmp_path / "videos"
     videos.mkdir()

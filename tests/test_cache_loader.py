@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmd import cache as cache_lib
-from dmd.config import Params
-from dmd.video import write_video
+from dmd.core.config import Params
+from dmd.core.video import write_video
+from dmd.data import cache as cache_lib
 
 MAX_LEN = 16
 
@@ -149,7 +149,7 @@ def test_ranks_split_the_same_order(cache_dirs):
 
 def test_small_buckets_pruned_or_kept(cache_dirs, caplog):
     lonely = "a white dot alone"
-    with caplog.at_level(logging.WARNING, logger="dmd.cache"):
+    with caplog.at_level(logging.WARNING, logger="dmd.data.cache"):
         pruned = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["odd_pruned"]), batch_size=2, seed=0)
     assert "dropped 1 bucket(s)" in caplog.text and "9x24x48 (1)" in caplog.text
     assert pruned.batches_per_epoch == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmd import io
-from dmd.checkpoint import (
+from dmd.core import io
+from dmd.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -18,7 +18,7 @@ from dmd.checkpoint import (
     restore_rng_state,
     unflatten_state,
 )
-from dmd.ema import EMA
+from dmd.training.ema import EMA
 
 
 def _save(manager: CheckpointManager, step: int) -> None:
@@ -81,10 +81,10 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_alone(tmp_path, mon
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("dmd.checkpoint.write_json", crash)
+    monkeypatch.setattr("dmd.training.checkpoint.write_json", crash)
     with pytest.raises(OSError):
         _save(manager, 4)
-    monkeypatch.setattr("dmd.checkpoint.write_json", io.write_json)
+    monkeypatch.setattr("dmd.training.checkpoint.write_json", io.write_json)
     assert [p.name for p in manager.checkpoints()] == ["checkpoint-0000002"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0000002"]
 
@@ -133,7 +133,7 @@ def test_ema_keeps_nothing_of_the_initial_weights(interval):
 
 
 def test_ema_decay_warms_up_to_its_setting():
-    from dmd.ema import ema_decay_at
+    from dmd.training.ema import ema_decay_at
 
     assert [ema_decay_at(n, 0.99) for n in (1, 2, 3)] == pytest.approx([0.0, 2 / 11, 3 / 12])
     assert ema_decay_at(10_000, 0.99) == 0.99

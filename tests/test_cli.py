@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dmd.config import apply_overrides, load, read_raw
+from dmd.core.config import apply_overrides, load, read_raw
 
 REPO = Path(__file__).resolve().parents[1]
 DMD = str(Path(sys.executable).with_name("dmd"))
@@ -93,7 +93,7 @@ def test_backfill_spacing_reads_durations(text, seconds):
 
 @pytest.mark.parametrize("text", ["soon", "-5m", ""])
 def test_backfill_spacing_refuses_what_is_not_a_duration(text):
-    from dmd.generate import GenerationError
+    from dmd.data.generate import GenerationError
     from flows.generate import parse_duration
 
     with pytest.raises(GenerationError, match="expected a duration"):

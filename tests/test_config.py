@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmd.config import ConfigError, Params, load, validate
-from dmd.simpletuner import CACHE_KEYS, MODEL_KEYS, import_simpletuner
+from dmd.core.config import ConfigError, Params, load, validate
+from dmd.core.simpletuner import CACHE_KEYS, MODEL_KEYS, import_simpletuner
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_seed_import_says_where_it_follows_the_references():
 
 
 def test_every_params_key_has_a_consumer_in_code():
-    """No key is accepted and ignored: each field name appears in the code outside dmd/config.py."""
+    """No key is accepted and ignored: each field name appears in the code outside dmd/core/config.py."""
     code = "\n".join(
         p.read_text()
         for d in ("dmd", "tasks", "flows")

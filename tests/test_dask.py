@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dmd.cache import open_cache
-from dmd.video import read_video
+from dmd.core.video import read_video
+from dmd.data.cache import open_cache
 
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -89,7 +89,7 @@ def test_the_local_dask_cluster_listens_on_loopback_only(tiny_params_file):
     """Scheduler, dashboard, nannies and workers of `generate.task_runner: dask` (a local cluster)."""
     import psutil
 
-    from dmd.config import load
+    from dmd.core.config import load
     from flows.generate import _task_runner
 
     cfg = load(tiny_params_file, ["generate.task_runner=dask", "generate.workers=2"]).generate

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) through dmd.launch: the run completes, the replicas stay identical, and every socket
+"""Two CPU processes (gloo) through dmd.training.launch: the run completes, the replicas stay identical, and every socket
 is on loopback."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 import pytest
 from train_world import build_cache, run_params
 
-from dmd.checkpoint import CheckpointManager
+from dmd.training.checkpoint import CheckpointManager
 from tasks.train import launch_command
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dmd.method import critic_flow_matching_loss, dmd_gradient, dmd_loss, guided_x0, regression_loss
+from dmd.distill.method import critic_flow_matching_loss, dmd_gradient, dmd_loss, guided_x0, regression_loss
 
 
 def _tensors(b=3, seed=0):

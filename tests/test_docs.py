@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from test_dvc import FIXTURES, git_commit, make_tiny_workspace
 
-from dmd.config import dump, load
+from dmd.core.config import dump, load
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ NOT_RUN = {
         "placeholders for a PostgreSQL host and password, and a server on all interfaces; tests/test_postgres.py "
         "runs a server on a throwaway PostgreSQL (scripts/ci-postgres.sh) on loopback"
     ),
-    ("docs/orchestration.md", "accelerate launch --config_file multi-node.yaml -m dmd.train params.yaml"): (
+    ("docs/orchestration.md", "accelerate launch --config_file multi-node.yaml -m dmd.training.loop params.yaml"): (
         "needs several machines and their accelerate config; tests/test_ddp.py runs training under accelerate "
         "launch on one"
     ),
@@ -292,8 +292,8 @@ def test_every_block_is_run_or_explained():
 def test_the_readme_snippet_is_the_model_cards_for_the_default_settings(tmp_path):
     """The README shows what the default exports, as its model card prints it (the card's paths are relative to
     the card, `student/`; the README's to the project root, `output/student/`)."""
-    from dmd.export import student_card, write_model_card
-    from dmd.rollout import RolloutSchedule
+    from dmd.distill.rollout import RolloutSchedule
+    from dmd.student.export import student_card, write_model_card
 
     params = load(REPO / "params.yaml")
     card = student_card(params, RolloutSchedule.from_params(params), ema=True, step=1, sigma_error=0.0)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from test_docs import Block, Runner, build_workspace
 
-from dmd.config import load
+from dmd.core.config import load
 
 pytestmark = pytest.mark.slow
 

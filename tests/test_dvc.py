@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dmd.config import dump, load
+from dmd.core.config import dump, load
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
 ENTRY_MODULES = {
     "toy_teacher": "dmd.toy.teacher",
-    "generate": "dmd.generate",
-    "cache": "dmd.cache",
-    "train": "dmd.train",
-    "evaluate": "dmd.evaluate",
+    "generate": "dmd.data.generate",
+    "cache": "dmd.data.cache",
+    "train": "dmd.training.loop",
+    "evaluate": "dmd.evaluation.evaluate",
 }
 STAGES = list(ENTRY_MODULES)
 FLOW_NAMES = {  # the Prefect flow each stage's command runs
@@ -167,7 +167,7 @@ def test_code_deps_are_exactly_what_each_stage_imports():
     assert list(stages) == STAGES
     for stage, entry in ENTRY_MODULES.items():
         declared = {d for d in stages[stage]["deps"] if d.startswith("dmd/")}
-        expected = code_closure(entry) - {"dmd/config.py", "dmd/__init__.py", "dmd/toy/__init__.py"}
+        expected = code_closure(entry) - {"dmd/core/config.py", "dmd/__init__.py", "dmd/toy/__init__.py"}
         assert declared == expected, (
             f"{stage}: missing {sorted(expected - declared)}, not imported {sorted(declared - expected)}"
         )

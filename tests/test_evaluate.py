@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dmd import evaluate as ev
-from dmd.config import ToyConfig
-from dmd.metrics import SpeedStats
-from dmd.report import (
+from dmd.core.config import ToyConfig
+from dmd.core.video import read_video, write_video
+from dmd.evaluation import evaluate as ev
+from dmd.evaluation.metrics import SpeedStats
+from dmd.evaluation.report import (
     ANIMATION,
     ANIMATION_HEADER_HEIGHT,
     CELL_HEIGHT,
@@ -27,7 +28,6 @@ from dmd.report import (
     LABEL_WIDTH,
 )
 from dmd.toy.world import ToyWorld
-from dmd.video import read_video, write_video
 
 
 def test_load_prompts_toy_and_json(tiny_params, tmp_path):
@@ -245,7 +245,7 @@ def _assert_side_by_side(path: Path, clips: dict[str, list[np.ndarray]]) -> None
 def _random_tiny_clip(path: Path) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from dmd.tiny import build_tokenizer
+    from dmd.wan.tiny import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(ToyWorld(ToyConfig()).vocabulary())
@@ -298,8 +298,8 @@ def test_feature_metrics_and_their_report_section(tiny_params, tmp_path):
 
 def _export_lora_student(params) -> Path:
     """A LoRA student with non-zero weights, exported as training exports it (EMA weights flagged)."""
-    from dmd.export import export_student
-    from dmd.wan import add_lora, load_transformer
+    from dmd.student.export import export_student
+    from dmd.wan.loading import add_lora, load_transformer
 
     transformer = add_lora(load_transformer(params.model), 4, 4, adapter_name="student")
     generator = torch.Generator().manual_seed(0)
@@ -311,8 +311,8 @@ def _export_lora_student(params) -> Path:
 
 
 def test_fused_lora_student_samples_like_the_adapter(tiny_params):
-    from dmd.export import load_student
-    from dmd.rollout import sample
+    from dmd.distill.rollout import sample
+    from dmd.student.export import load_student
 
     path = _export_lora_student(tiny_params)
     adapter, schedule = load_student(path, tiny_params)
@@ -379,9 +379,9 @@ def _quality(metrics: dict) -> dict:
 
 
 def test_a_second_evaluation_reuses_the_teacher_reference(tiny_params, caplog):
-    from dmd.eval_reference import FRAMES
-    from dmd.io import write_safetensors
-    from dmd.rollout import RolloutSchedule
+    from dmd.core.io import write_safetensors
+    from dmd.distill.rollout import RolloutSchedule
+    from dmd.evaluation.reference import FRAMES
 
     _export_lora_student(tiny_params)
     items = ev.plan(tiny_params)[:2]
@@ -464,7 +464,7 @@ def test_a_changed_teacher_setting_resamples_every_item(tiny_params):
 def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dmd.rollout import RolloutSchedule
+    from dmd.distill.rollout import RolloutSchedule
     from flows.cli import main
 
     _export_lora_student(tiny_params)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dmd.config import load
-from dmd.export import (
+from dmd.core.config import load
+from dmd.data.generate import to_uint8
+from dmd.distill.rollout import transformer_velocity
+from dmd.student.export import (
     export_student,
     fit_scheduler_config,
     load_student,
@@ -18,10 +20,8 @@ from dmd.export import (
     scheduler_sigmas,
     write_model_card,
 )
-from dmd.generate import to_uint8
-from dmd.rollout import transformer_velocity
-from dmd.sample import pipeline_arguments, student_videos
-from dmd.wan import add_lora, is_int8, load_transformer
+from dmd.student.sample import pipeline_arguments, student_videos
+from dmd.wan.loading import add_lora, is_int8, load_transformer
 
 PROMPT = "a red square moving right slowly"
 SINGLE_BLOCK = [
@@ -109,8 +109,8 @@ def test_the_model_cards_snippet_makes_the_video_dmd_sample_makes(
 
 @pytest.mark.slow
 def test_dmd_sample_writes_the_videos(tiny_params_file, tmp_path):
-    from dmd.sample import main
-    from dmd.video import video_info
+    from dmd.core.video import video_info
+    from dmd.student.sample import main
 
     params = load(tiny_params_file, SINGLE_BLOCK)
     export_student(_lora_student(params), params, tmp_path / "student", ema=True, step=1)
@@ -148,7 +148,7 @@ def test_a_full_student_exports_as_a_diffusers_transformer(tiny_params_file, tmp
 
 def _plain_int8_base(wan_dir):
     """The tiny teacher's transformer with int8 weights as optimum-quanto's own README quantizes a model, leaving out
-    Wan's condition embedder and output projection: independent of dmd.wan."""
+    Wan's condition embedder and output projection: independent of dmd.wan.loading."""
     from diffusers import WanTransformer3DModel
     from optimum.quanto import freeze, qint8, quantize
 
@@ -193,7 +193,7 @@ def test_load_student_loads_the_base_the_student_trained_on(tiny_params_file, ti
     """An int8-trained LoRA is loaded on the int8 base whatever params say, a float-trained one on the float base."""
     from diffusers import WanTransformer3DModel
 
-    from dmd.evaluate import fuse_student_lora
+    from dmd.evaluation.evaluate import fuse_student_lora
 
     trained = {"int8": load(tiny_params_file, INT8), "fp": load(tiny_params_file)}
     dirs = {

@@ -20,8 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dmd.config import load
-from dmd.generate import (
+from dmd.core.config import load
+from dmd.core.io import sha256_file
+from dmd.core.video import read_video, write_video
+from dmd.data.generate import (
     MANIFEST,
     GenerationError,
     decode_latents,
@@ -33,9 +35,7 @@ from dmd.generate import (
     sample_seed,
     write_manifest,
 )
-from dmd.io import sha256_file
-from dmd.prompts import PromptLibraryError, load_prompt_library
-from dmd.video import read_video, write_video
+from dmd.data.prompts import PromptLibraryError, load_prompt_library
 
 REPO = Path(__file__).resolve().parents[1]
 DMD = str(Path(sys.executable).parent / "dmd")
@@ -174,7 +174,7 @@ def test_over_length_prompts_are_counted_with_their_rows(tiny_params_file, tmp_p
         "a red ball\n" + " ".join(["red"] * 40) + "\na blue box\n" + " ".join(["box"] * 30) + "\n"
     )
     params = load(tiny_params_file, [f"generate.prompts={library}"])
-    with caplog.at_level(logging.WARNING, logger="dmd.prompts"):
+    with caplog.at_level(logging.WARNING, logger="dmd.data.prompts"):
         prepare(params)
     text = caplog.text
     assert "2 of 4 prompt(s) exceed model.max_sequence_length=16" in text

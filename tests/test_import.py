@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dmd.config import ConfigError, load, validate
-from dmd.simpletuner import TODO, import_simpletuner
+from dmd.core.config import ConfigError, load, validate
+from dmd.core.simpletuner import TODO, import_simpletuner
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = Path(__file__).parent / "fixtures" / "seed"
@@ -162,10 +162,10 @@ def test_unsupported_backend_entries_are_todos():
 
 
 def test_filename_captions(tmp_path):
-    from dmd.config import CacheConfig, DatasetConfig
-    from dmd.datasets import discover
-    from dmd.synthetic import synthetic_clip
-    from dmd.video import write_video
+    from dmd.core.config import CacheConfig, DatasetConfig
+    from dmd.core.video import write_video
+    from dmd.data.datasets import discover
+    from dmd.data.synthetic import synthetic_clip
 
     for name in ("a_red_square_moving_right", "a__blue  circle"):
         write_video(tmp_path / f"{name}.mp4", synthetic_clip(5, 16, 16, 0))

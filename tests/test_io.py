@@ -6,12 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from dmd.io import atomic_path, remove_stale_temporaries
+from dmd.core.io import atomic_path, remove_stale_temporaries
 
 _WRITE = """
 import sys
 import torch
-from dmd.io import sha256_file, write_safetensors
+from dmd.core.io import sha256_file, write_safetensors
 
 metadata = {f"key{i}": str(i) for i in range(12)}
 write_safetensors(sys.argv[1], {"b": torch.arange(6.0), "a": torch.ones(2, 3)}, metadata)
@@ -39,7 +39,7 @@ def test_equal_tensors_and_metadata_give_equal_safetensors_bytes_in_every_proces
 
 _KILLED_WHILE_WRITING = """
 import os, signal, sys
-from dmd.io import atomic_path
+from dmd.core.io import atomic_path
 
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("half")

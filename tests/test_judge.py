@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dmd.config import ToyConfig
+from dmd.core.config import ToyConfig
+from dmd.core.video import read_video, write_video
 from dmd.toy.judge import frechet_distance, judge_clips, main, reference_clips
 from dmd.toy.world import COLOURS, ToyWorld, parse_caption
-from dmd.video import read_video, write_video
 
 
 @pytest.fixture(scope="module")

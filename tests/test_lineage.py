@@ -10,7 +10,7 @@ import pytest
 import yaml
 from test_dvc import BIN, dvc, make_tiny_workspace, ran_stages, run
 
-from dmd.config import RUN_SETTINGS, STAGE_SETTINGS, load, stage_settings
+from dmd.core.config import RUN_SETTINGS, STAGE_SETTINGS, load, stage_settings
 
 pytestmark = pytest.mark.slow
 

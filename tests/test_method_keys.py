@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dmd.config import DistillationConfig, Params
-from dmd.method import DMDMethod
-from dmd.roles import make_roles
-from dmd.schedule import denoising_sigmas
-from dmd.tiny import build_transformer
+from dmd.core.config import DistillationConfig, Params
+from dmd.distill.method import DMDMethod
+from dmd.distill.roles import make_roles
+from dmd.distill.schedule import denoising_sigmas
+from dmd.wan.tiny import build_transformer
 
 FRAMES = 6
 
@@ -124,17 +124,17 @@ def _fake_x0_by_hand(w: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(f from the method, f = F_c + w·(F_c − F_u) computed by hand from the critic's own two passes)."""
     method, spies = _method(_params(fake_score_guidance_scale=w, last_step_only=True))
     captured = {}
-    real_dmd_gradient = sys.modules["dmd.method"].dmd_gradient
+    real_dmd_gradient = sys.modules["dmd.distill.method"].dmd_gradient
 
     def capture(x0, real_x0, fake_x0):
         captured["f"] = fake_x0
         return real_dmd_gradient(x0, real_x0, fake_x0)
 
-    sys.modules["dmd.method"].dmd_gradient = capture
+    sys.modules["dmd.distill.method"].dmd_gradient = capture
     try:
         method.generator_loss(_batch(), _gen())
     finally:
-        sys.modules["dmd.method"].dmd_gradient = real_dmd_gradient
+        sys.modules["dmd.distill.method"].dmd_gradient = real_dmd_gradient
     call = spies["fake"].calls[0]
     b = 2
     x, t = call.x[:b], call.t[:b]
@@ -480,7 +480,7 @@ def test_key_consistency_loss_weight():
 
 
 def test_key_consistency_grid_steps():
-    from dmd.flow_matching import shift_sigma
+    from dmd.core.flow_matching import shift_sigma
 
     params = _params(consistency_loss_weight=1.0, last_step_only=True, consistency_grid_steps=2)
     params.model.flow_schedule_shift = 3.0

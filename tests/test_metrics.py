@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from dmd.metrics import (
+from dmd.evaluation.metrics import (
     FeatureModel,
     FeatureModelError,
     NFECounter,
@@ -92,7 +92,7 @@ def tiny_clip_dir(tmp_path_factory):
     steps so that each colour's frames align with the caption that names it."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from dmd.tiny import build_tokenizer
+    from dmd.wan.tiny import build_tokenizer
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_method_keys import _batch, _gen, _method, _params
 
-from dmd.consistency import consistency_loss, euler_step, teacher_sigma_grid
-from dmd.gan import ClassificationHead, gan_critic_loss, gan_generator_loss
-from dmd.metrics import start_position_variety
+from dmd.distill.consistency import consistency_loss, euler_step, teacher_sigma_grid
+from dmd.distill.gan import ClassificationHead, gan_critic_loss, gan_generator_loss
+from dmd.evaluation.metrics import start_position_variety
 
 
 def _head() -> ClassificationHead:
@@ -145,7 +145,7 @@ def _starts(n_per_caption: int, captions: list[str], seed: int, scale: float = 1
 
 
 def test_variety_against_the_judge_and_by_hand():
-    from dmd.config import ToyConfig
+    from dmd.core.config import ToyConfig
     from dmd.toy.judge import judge_clips, start_variety
     from dmd.toy.world import ToyWorld
 
@@ -180,7 +180,7 @@ def test_variety_spread_is_the_seed_to_seed_spread_and_shrinks_with_more_clips()
 
 
 def test_evaluation_headline_reports_diversity_with_its_spread_for_teacher_and_student():
-    from dmd.evaluate import headline
+    from dmd.evaluation.evaluate import headline
 
     judge = {
         "teacher_full": {"diversity": 0.8, "diversity_spread": 0.04, "pairwise_diversity": 0.9,

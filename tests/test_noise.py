@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmd.noise import initial_noise, randn
+from dmd.core.noise import initial_noise, randn
 
 SHAPE = (1, 4, 3, 8, 8)
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])

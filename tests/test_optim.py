@@ -7,10 +7,16 @@ import math
 import pytest
 import torch
 
-from dmd.checkpoint import flatten_state, unflatten_state
-from dmd.config import TrainConfig
-from dmd.optim import AdamWMasterWeights, TrainableGroup, build_lr_scheduler, build_optimizer, clip_gradients
-from dmd.train import planned_steps
+from dmd.core.config import TrainConfig
+from dmd.training.checkpoint import flatten_state, unflatten_state
+from dmd.training.loop import planned_steps
+from dmd.training.optim import (
+    AdamWMasterWeights,
+    TrainableGroup,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+)
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_dvc import stage_flow_runs_nested
 
-from dmd.config import ConfigError, load
+from dmd.core.config import ConfigError, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = Path(sys.executable).parent
@@ -362,7 +362,7 @@ def test_a_token_in_the_failure_webhook_url_is_neither_logged_nor_stored(
     from prefect.blocks.system import Secret
 
     import flows.pipeline as pipeline
-    from dmd.webhooks import redact_url
+    from dmd.training.webhooks import redact_url
 
     monkeypatch.setattr(pipeline, "RETRY_DELAY_SECONDS", 0)
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")

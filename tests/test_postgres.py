@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from test_dvc import make_tiny_workspace
 
-from dmd.config import dump, load
+from dmd.core.config import dump, load
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
 """Every sampler and the training roles at the precisions real Wan runs in, against the fp32 model of the same weights.
 
-The base is loaded as the project loads it (`dmd.wan.load_transformer` at `model.base_model_precision`), so diffusers
+The base is loaded as the project loads it (`dmd.wan.loading.load_transformer` at `model.base_model_precision`), so diffusers
 keeps its `_keep_in_fp32_modules` (scale_shift_table, time embedder, norms) in fp32 next to bf16 / fp16 weights.
 "int8/bf16" is `base_model_precision: int8-quanto` with `train.mixed_precision: bf16`: int8 weights whose other
 weights and activations are bf16, as training loads it.
@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dmd.config import load
-from dmd.rollout import RolloutSchedule, sample
-from dmd.wan import load_transformer
+from dmd.core.config import load
+from dmd.distill.rollout import RolloutSchedule, sample
+from dmd.wan.loading import load_transformer
 
 PROMPT = "a red square moving right slowly"
 SIGMAS = (1.0, 0.757, 0.522)
@@ -35,7 +35,7 @@ def wan_dir(tmp_path_factory):
     optimum-quanto calls for bf16 activations on int8 weights (`_weight_int8pack_mm`) crashes on other widths."""
     from diffusers import WanPipeline
 
-    from dmd.tiny import (
+    from dmd.wan.tiny import (
         build_scheduler,
         build_text_encoder,
         build_tokenizer,
@@ -101,7 +101,7 @@ def test_rollout_sample(params_at, precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_student_sampler_with_guidance(params_at, precision):
-    from dmd.sample import generate_latents
+    from dmd.student.sample import generate_latents
 
     noise, embeds = _inputs()
     negative = torch.zeros_like(embeds)
@@ -119,9 +119,9 @@ def test_student_sampler_with_guidance(params_at, precision):
 @pytest.mark.parametrize(("precision", "model_type"), [("bf16", "lora"), ("fp16", "lora"), ("bf16", "full")])
 def test_dmd_sample_of_an_exported_student(params_at, tmp_path, precision, model_type):
     """`dmd sample`'s videos (with CFG) from a student exported in fp32, loaded on a base at `precision`."""
-    from dmd.export import export_student, load_student
-    from dmd.sample import student_videos
-    from dmd.wan import DTYPES, add_lora
+    from dmd.student.export import export_student, load_student
+    from dmd.student.sample import student_videos
+    from dmd.wan.loading import DTYPES, add_lora
 
     overrides = [
         "train.distillation_config.num_frame_per_block=6",
@@ -153,7 +153,7 @@ def test_dmd_sample_of_an_exported_student(params_at, tmp_path, precision, model
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", FLOAT_PRECISIONS)
 def test_validation(params_at, precision):
-    from dmd.validation import Validator
+    from dmd.training.validation import Validator
 
     def grid(precision, step):
         params = params_at(precision, "train.validation_guidance=2.0")
@@ -171,8 +171,8 @@ def test_validation(params_at, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", FLOAT_PRECISIONS)
 def test_evaluate_teacher_and_student_samplers(params_at, precision):
-    from dmd import evaluate as ev
-    from dmd.wan import load_text_encoder
+    from dmd.evaluation import evaluate as ev
+    from dmd.wan.loading import load_text_encoder
 
     noise, _ = _inputs(shape=(1, 4, 3, 8, 8))
 
@@ -205,7 +205,7 @@ def test_evaluate_teacher_and_student_samplers(params_at, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", FLOAT_PRECISIONS)
 def test_generate_teacher_sampler(params_at, precision):
-    from dmd.generate import Sample, TeacherSampler
+    from dmd.data.generate import Sample, TeacherSampler
 
     def run(precision):
         params = params_at(precision)
@@ -224,8 +224,8 @@ def test_training_forward_and_backward_without_autocast(params_at, precision):
     """A DMD step's two losses and their gradients on the roles as training builds them, run without autocast (as
     `mixed_precision: no` runs them), against the same step on the fp32 roles (the student's LoRA made non-zero so
     every factor gets a gradient)."""
-    from dmd.method import DMDMethod
-    from dmd.roles import build_roles
+    from dmd.distill.method import DMDMethod
+    from dmd.distill.roles import build_roles
 
     overrides = ["train.distillation_config.fake_score_lora_rank=4"]
     g = torch.Generator().manual_seed(4)

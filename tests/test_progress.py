@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from dmd.progress import Progress
+from dmd.core.progress import Progress
 
 
 def test_off_a_terminal_a_line_every_tenth_and_one_at_the_end(caplog):

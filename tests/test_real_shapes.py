@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmd.config import load
+from dmd.core.config import load
 
 pytestmark = pytest.mark.slow
 
@@ -95,10 +95,10 @@ def wan_13b(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def seed_run(tmp_path_factory, wan_13b, webhook) -> dict:
     """The seed's config imported as its users would, its linked files in place, every stage run once."""
-    from dmd import generate
-    from dmd.cache import build_cache
-    from dmd.evaluate import evaluate
-    from dmd.train import train
+    from dmd.data import generate
+    from dmd.data.cache import build_cache
+    from dmd.evaluation.evaluate import evaluate
+    from dmd.training.loop import train
 
     root = tmp_path_factory.mktemp("seed-run")
     imported = subprocess.run(
@@ -214,7 +214,7 @@ def test_plain_wan_pipeline_loads_the_seed_export(seed_run, wan_13b):
 def test_the_seed_run_with_another_base_or_critic(seed_run, wan_13b, variant, tmp_path):
     """Each variant trains in its own process, as `accelerate launch` / `dmd train` run it (accelerate keeps one
     mixed precision per process), then loads in plain diffusers and samples with `dmd sample`'s code."""
-    from dmd.sample import sample_student
+    from dmd.student.sample import sample_student
 
     mine = [
         f"train.output_dir={tmp_path / 'student'}",
@@ -226,7 +226,7 @@ def test_the_seed_run_with_another_base_or_critic(seed_run, wan_13b, variant, tm
     ]
     overrides = seed_run["here"] + SIZES + mine + variant
     trained = subprocess.run(
-        [sys.executable, "-m", "dmd.train", str(seed_run["root"] / "params.yaml"), *overrides],
+        [sys.executable, "-m", "dmd.training.loop", str(seed_run["root"] / "params.yaml"), *overrides],
         capture_output=True, text=True,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]

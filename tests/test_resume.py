@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 from train_world import build_cache, run_params
 
-from dmd.checkpoint import CheckpointManager
-from dmd.config import load
-from dmd.train import train
+from dmd.core.config import load
+from dmd.training.checkpoint import CheckpointManager
+from dmd.training.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +39,11 @@ def _checkpoints(run_dir) -> list[str]:
 
 
 def _messages(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "dmd.train")
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "dmd.training.loop")
 
 
 def test_a_shorter_run_never_hands_back_the_longer_student(world, tmp_path, one_thread, caplog):
-    caplog.set_level(logging.INFO, logger="dmd.train")
+    caplog.set_level(logging.INFO, logger="dmd.training.loop")
     settings = dict(checkpoint_step_interval=2, checkpoints_total_limit=5)
     straight = tmp_path / "straight"
     train(load(run_params(world, straight, max_train_steps=3, **settings)), progress=False)
@@ -76,7 +76,7 @@ def test_a_shorter_run_never_hands_back_the_longer_student(world, tmp_path, one_
 @pytest.mark.parametrize("schedule, continues", [("constant", True), ("cosine", False)])
 def test_a_longer_run_continues_only_where_the_schedule_ignores_the_length(world, tmp_path, schedule, continues,
                                                                            caplog):  # fmt: skip
-    caplog.set_level(logging.INFO, logger="dmd.train")
+    caplog.set_level(logging.INFO, logger="dmd.training.loop")
     settings = dict(checkpoint_step_interval=2, lr_scheduler=schedule, lr_warmup_steps=0)
     run = tmp_path / schedule
     train(load(run_params(world, run, max_train_steps=2, **settings)), progress=False)
@@ -94,7 +94,7 @@ def test_a_longer_run_continues_only_where_the_schedule_ignores_the_length(world
 def test_a_changed_learning_rate_is_resumed_only_with_a_warning(world, tmp_path, caplog):
     """A new learning rate may continue a checkpoint (lowering it is how a non-finite streak is recovered from),
     but the run then mixes two learning rates, and says so."""
-    caplog.set_level(logging.INFO, logger="dmd.train")
+    caplog.set_level(logging.INFO, logger="dmd.training.loop")
     run = tmp_path / "lr"
     train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=2)), progress=False)
     caplog.clear()
@@ -105,7 +105,7 @@ def test_a_changed_learning_rate_is_resumed_only_with_a_warning(world, tmp_path,
 
 
 def test_resuming_a_named_checkpoint_past_the_end_is_refused(world, tmp_path):
-    from dmd.checkpoint import CheckpointError
+    from dmd.training.checkpoint import CheckpointError
 
     run = tmp_path / "named"
     train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=2)), progress=False)
@@ -132,7 +132,9 @@ def test_dmd_train_says_what_it_did_with_the_checkpoints(world, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "past this run's 1 steps" in result.stderr and "training a new run of 1 steps" in result.stderr
-    assert "dmd.train - train: 1/1 steps (100%)" in result.stderr  # a progress line, not a redrawn bar
+    assert (
+        "dmd.training.loop - train: 1/1 steps (100%)" in result.stderr
+    )  # a progress line, not a redrawn bar
     assert "telemetry" not in result.stderr.lower()  # the CLI turns it off when the caller did not
     assert "View at http" not in result.stderr  # no links to the temporary server that stops with the command
     assert _train_steps(run) == 1

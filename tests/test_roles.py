@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dmd.config import Params
-from dmd.method import DMDMethod
-from dmd.roles import RoleError, build_roles, make_roles
-from dmd.tiny import build_transformer
-from dmd.wan import quantize_int8
+from dmd.core.config import Params
+from dmd.distill.method import DMDMethod
+from dmd.distill.roles import RoleError, build_roles, make_roles
+from dmd.wan.loading import quantize_int8
+from dmd.wan.tiny import build_transformer
 
 
 def _params(**dc) -> Params:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmd.rollout import RolloutSchedule, frame_timesteps_to_tokens, rollout, sample, transformer_velocity
-from dmd.tiny import build_transformer
+from dmd.distill.rollout import (
+    RolloutSchedule,
+    frame_timesteps_to_tokens,
+    rollout,
+    sample,
+    transformer_velocity,
+)
+from dmd.wan.tiny import build_transformer
 
 SIGMAS = (1.0, 0.757, 0.522)
 

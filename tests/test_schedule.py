@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmd.schedule import (
+from dmd.distill.schedule import (
     ScoreTimestepRange,
     choose_exit_indices,
     denoising_sigmas,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmd import evaluate as ev
-from dmd.metrics import paired_speedup, quartiles
+from dmd.evaluation import evaluate as ev
+from dmd.evaluation.metrics import paired_speedup, quartiles
 
 STEP_SECONDS = 0.004
 

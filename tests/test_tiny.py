@@ -3,7 +3,7 @@
 import torch
 from diffusers import WanPipeline
 
-from dmd.wan import encode_prompts
+from dmd.wan.loading import encode_prompts
 
 
 def test_tiny_pipeline_round_trip_samples_offline(tiny_wan_dir):

@@ -10,9 +10,8 @@ import torch
 import yaml
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from dmd.config import load
-from dmd.io import sha256_file
-from dmd.tiny import build_vae
+from dmd.core.config import load
+from dmd.core.io import sha256_file
 from dmd.toy.judge import judge_clips
 from dmd.toy.teacher import (
     clips_to_pixels,
@@ -23,6 +22,7 @@ from dmd.toy.teacher import (
     vae_round_trip,
 )
 from dmd.toy.world import COLOURS, SHAPES, ToyWorld
+from dmd.wan.tiny import build_vae
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "toy-teacher"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from dmd.config import ToyConfig
-from dmd.tiny import build_tokenizer
+from dmd.core.config import ToyConfig
 from dmd.toy.world import ATTRIBUTES, COLOURS, OBJECT_SIZE, SPEEDS, ToyWorld, parse_caption, shape_mask
+from dmd.wan.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")

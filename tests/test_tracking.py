@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dmd.config import TrainConfig
-from dmd.tracking import Tracker, wandb_mode
+from dmd.core.config import TrainConfig
+from dmd.training.tracking import Tracker, wandb_mode
 
 BIN = Path(sys.executable).parent
 

@@ -11,11 +11,11 @@ import sys
 import pytest
 from train_world import build_cache, run_params
 
-from dmd.checkpoint import LOCK_FILE, STATE_FILE, CheckpointManager
+from dmd.training.checkpoint import LOCK_FILE, STATE_FILE, CheckpointManager
 
 pytestmark = pytest.mark.slow
 
-# Runs `python -m dmd.train PARAMS` with a fault: the process kills itself (SIGKILL) at the first file it deletes
+# Runs `python -m dmd.training.loop PARAMS` with a fault: the process kills itself (SIGKILL) at the first file it deletes
 # inside a checkpoint folder, i.e. in the middle of rotating the oldest checkpoint out.
 KILL_WHILE_ROTATING = """
 import os, re, signal, sys
@@ -28,7 +28,7 @@ def unlink(path, *, dir_fd=None):
     return real_unlink(path, dir_fd=dir_fd)
 
 os.unlink = unlink
-from dmd.train import main
+from dmd.training.loop import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -39,7 +39,7 @@ def world(tmp_path_factory, tiny_wan_dir):
 
 
 def _train(params_file, *extra_env, script: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", script, str(params_file)] if script else [sys.executable, "-m", "dmd.train",
+    command = [sys.executable, "-c", script, str(params_file)] if script else [sys.executable, "-m", "dmd.training.loop",
                                                                                  str(params_file)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -77,8 +77,8 @@ def test_a_non_finite_streak_keeps_no_poisoned_checkpoint_and_resumes_with_a_low
 
     import torch
 
-    from dmd.config import load
-    from dmd.train import NonFiniteError, train
+    from dmd.core.config import load
+    from dmd.training.loop import NonFiniteError, train
 
     run = tmp_path / "run"
     sane = dict(checkpoint_step_interval=1, checkpoints_total_limit=5, max_consecutive_nonfinite=2)
@@ -87,7 +87,7 @@ def test_a_non_finite_streak_keeps_no_poisoned_checkpoint_and_resumes_with_a_low
 
     # a learning rate that blows the student up: resumed from checkpoint 2 (learning rates are resumable), the
     # first update sends the weights to ~1e20, finite, and every step after it is non-finite
-    with caplog.at_level(logging.INFO, logger="dmd.train"), pytest.raises(NonFiniteError) as err:
+    with caplog.at_level(logging.INFO, logger="dmd.training.loop"), pytest.raises(NonFiniteError) as err:
         train(load(run_params(world, run, max_train_steps=8, learning_rate=1e20, **sane)), progress=False)
     assert f"resumed from {root / 'checkpoint-0000002'}" in caplog.text
     first_bad = int(str(err.value).split("from step ")[1].split(" ")[0])
@@ -102,7 +102,7 @@ def test_a_non_finite_streak_keeps_no_poisoned_checkpoint_and_resumes_with_a_low
 
     # lowered again, as the message advises: the run continues from the intact checkpoint
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="dmd.train"):
+    with caplog.at_level(logging.INFO, logger="dmd.training.loop"):
         train(load(run_params(world, run, max_train_steps=8, learning_rate=1e-5, **sane)), progress=False)
     assert f"resumed from {kept[-1]}" in caplog.text and not list(root.glob("superseded-*"))
     final = CheckpointManager(root, 5).latest()

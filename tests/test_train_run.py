@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 from train_world import build_cache, run_params
 
-from dmd.checkpoint import CheckpointManager
-from dmd.config import load
-from dmd.train import train
-from dmd.video import read_video
+from dmd.core.config import load
+from dmd.core.video import read_video
+from dmd.training.checkpoint import CheckpointManager
+from dmd.training.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(world, tmp_path, one_th
     killed = tmp_path / "killed"
     params_file = run_params(world, killed, **settings)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    worker = subprocess.Popen([sys.executable, "-m", "dmd.train", str(params_file)], env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "dmd.training.loop", str(params_file)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     first = killed / "checkpoints" / "checkpoint-0000003"
     deadline = time.monotonic() + 300

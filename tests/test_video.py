@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dmd.video import VideoReadError, read_video, video_info, write_video
+from dmd.core.video import VideoReadError, read_video, video_info, write_video
 
 
 @pytest.mark.parametrize("width", [16, 24, 32, 48])
@@ -36,8 +36,8 @@ def test_bad_files_name_the_path_and_reason(tmp_path):
 _WRITER = """
 import sys
 import numpy as np
-from dmd.io import sha256_file
-from dmd.video import read_video, write_video
+from dmd.core.io import sha256_file
+from dmd.core.video import read_video, write_video
 
 folder, writes = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(0)

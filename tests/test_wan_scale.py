@@ -20,10 +20,10 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from dmd.config import DistillationConfig
-from dmd.metrics import dmd_step_pass_counts
-from dmd.skeleton import build_transformer
-from dmd.wan import WanModelError
+from dmd.core.config import DistillationConfig
+from dmd.evaluation.metrics import dmd_step_pass_counts
+from dmd.wan.loading import WanModelError
+from dmd.wan.skeleton import build_transformer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "wan_scale.py"

@@ -16,10 +16,11 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from safetensors.torch import load_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from dmd import wan
-from dmd.config import ConfigError, ModelConfig
-from dmd.flow_matching import shift_sigma
-from dmd.skeleton import (
+from dmd.core.config import ConfigError, ModelConfig
+from dmd.core.flow_matching import shift_sigma
+from dmd.wan import loading as wan
+from dmd.wan.loading import WanModelError, check_model_dir, load_text_encoder, load_transformer, load_vae
+from dmd.wan.skeleton import (
     CONFIG_FILES,
     NAMED_CONFIGS,
     WAN_CONFIGS,
@@ -27,8 +28,7 @@ from dmd.skeleton import (
     config_folder,
     save_skeleton,
 )
-from dmd.tiny import build_tokenizer
-from dmd.wan import WanModelError, check_model_dir, load_text_encoder, load_transformer, load_vae
+from dmd.wan.tiny import build_tokenizer
 
 DMD = Path(sys.executable).parent / "dmd"
 SMALL = dict(num_layers=1, text_encoder_layers=1)  # real widths, one block each: what a CPU test can afford
@@ -116,7 +116,7 @@ def test_shipped_scheduler_is_flow_matching_with_the_configured_shift(name):
     scheduler = UniPCMultistepScheduler.from_config(config)
     steps = 10
     scheduler.set_timesteps(steps)
-    # the project's convention (dmd/flow_matching.py): σ shifted from an even grid; 1000·σ is the timestep
+    # the project's convention (dmd/core/flow_matching.py): σ shifted from an even grid; 1000·σ is the timestep
     grid = torch.linspace(1, 1 / config["num_train_timesteps"], steps + 1)[:-1]
     expected = shift_sigma(grid, config["flow_shift"])
     torch.testing.assert_close(scheduler.sigmas[:-1].float(), expected, atol=2e-3, rtol=0)

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from dmd.webhooks import Notifier, Webhook, WebhookConfig, redact_url
+from dmd.training.webhooks import Notifier, Webhook, WebhookConfig, redact_url
 
 SECRET = "s3cr3t-t0ken"
 
@@ -89,8 +89,8 @@ def test_a_training_run_posts_its_events_in_order(server, tmp_path, tiny_wan_dir
     """start, validation (step 0 baseline), checkpoint, validation, checkpoint, finish; then a run that fails."""
     from train_world import build_cache, run_params
 
-    from dmd.config import load
-    from dmd.train import NonFiniteError, train
+    from dmd.core.config import load
+    from dmd.training.loop import NonFiniteError, train
 
     url, received = server
     base = build_cache(tmp_path / "world", tiny_wan_dir)

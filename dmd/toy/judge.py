@@ -217,10 +217,10 @@ def _diversity(scores: list[ClipScore], captions, ref_scores: list[ClipScore], r
 
 
 def start_variety(judged: dict, world: ToyWorld, num_resamples: int = 1000) -> dict:
-    """`dmd.metrics.start_position_variety` of clips `judge_clips` scored (its per-clip details), against the
+    """`dmd.evaluation.metrics.start_position_variety` of clips `judge_clips` scored (its per-clip details), against the
     world's fixed reference clips of the same captions: diversity and pairwise diversity, each with its spread
     over seeds."""
-    from dmd.metrics import start_position_variety
+    from dmd.evaluation.metrics import start_position_variety
 
     captions = [c["caption"] for c in judged["clips"]]
     starts = [c["start_xy"] for c in judged["clips"]]
@@ -297,9 +297,9 @@ def _read_prompts(prompts: list[str] | None, videos: list[Path]) -> list[str]:
 
 def main(args) -> int:
     """`dmd judge VIDEOS… [--prompts …] [--params FILE] [--output FILE]`."""
-    from dmd.config import load
-    from dmd.io import write_json
-    from dmd.video import VideoReadError, read_video
+    from dmd.core.config import load
+    from dmd.core.io import write_json
+    from dmd.core.video import VideoReadError, read_video
 
     params = load(args.params, getattr(args, "overrides", None))
     videos = [Path(v) for v in args.videos]

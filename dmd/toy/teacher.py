@@ -11,7 +11,7 @@ Three parts, trained in order, all of diffusers' / transformers' own Wan classes
 2. A tiny `UMT5EncoderModel` over a word-level tokenizer of the world's vocabulary, left at its seeded random
    initialisation and frozen: each caption word lands at a fixed position, so distinct captions already have
    distinct embeddings and the transformer learns to read them.
-3. `WanTransformer3DModel` with flow matching in the normalised latent space (dmd.flow_matching conventions),
+3. `WanTransformer3DModel` with flow matching in the normalised latent space (dmd.core.flow_matching conventions),
    σ drawn like the sampler's shifted schedule, captions dropped to the empty prompt's embedding so that
    classifier-free guidance works.
 """
@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from tqdm.auto import tqdm
 
-from dmd.config import Params, ToyConfig, ToyTeacherConfig
-from dmd.flow_matching import add_noise, shift_sigma, sigma_to_timestep, velocity_target
-from dmd.io import write_json
-from dmd.tiny import (
+from dmd.core.config import Params, ToyConfig, ToyTeacherConfig
+from dmd.core.flow_matching import add_noise, shift_sigma, sigma_to_timestep, velocity_target
+from dmd.core.io import write_json
+from dmd.toy.world import ToyWorld
+from dmd.wan.loading import encode_prompts
+from dmd.wan.tiny import (
     build_scheduler,
     build_text_encoder,
     build_tokenizer,
@@ -42,8 +44,6 @@ from dmd.tiny import (
     build_vae,
     save_pipeline,
 )
-from dmd.toy.world import ToyWorld
-from dmd.wan import encode_prompts
 
 log = logging.getLogger(__name__)
 

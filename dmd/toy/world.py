@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmd.config import ToyConfig
+from dmd.core.config import ToyConfig
 
 BACKGROUND = (96, 96, 96)
 # Saturated colours, far apart in RGB and from the background (nearest pair ≥ 190 apart).

@@ -1,0 +1,1148 @@
+"""The latent cache: VAE latents and T5 embeddings of every usable clip, and the training loader over them.
+
+Layout of `cache.output_dir`:
+
+    index.parquet          one row per usable sample of the current sources (see INDEX_COLUMNS)
+    problems.parquet       every file left out: dataset, path, kind, reason, source_sha256, deleted
+    meta.json              model identities, latent geometry, max_sequence_length, bucket pruning
+    summary.json           what the cache holds: sources, samples, problems by kind, buckets (a run's own counts
+                           and timings go to the log and the flow's result, so equal inputs give equal bytes)
+    latents/<dataset>/     shard-<hash>.safetensors + shard-<hash>.parquet (its rows); per-dataset cache_dir
+    text/                  negative.safetensors, empty.safetensors (key prompt_embeds, (1,L,D)), text shards
+
+Content addressing. A clip's latents are stored under `latent_key` = sha256 of (the video file's bytes, the
+preprocessing settings, the bucket rounding and alignment, the VAE's config + weight hashes, and, when taken from
+the generate stage, the teacher latents' and noise's bytes). A caption's embedding is stored under `text_key` =
+sha256 of (caption, max_sequence_length, text encoder + tokenizer config and weight hashes, precision). A re-run
+hashes the sources, reuses every shard entry whose key it finds, encodes only the rest, and rebuilds the index
+from the current sources alone, so an old entry is never mixed in; shards nothing refers to any more are deleted.
+A shard is written (atomically) before its row table, so an interrupted run keeps what it finished.
+
+Latents are the VAE posterior's mode (its mean: deterministic), normalised as diffusers' WanPipeline expects,
+`(z - latents_mean) / latents_std`; WanPipeline decodes with `z = latents * latents_std + latents_mean`.
+Text embeddings equal `WanPipeline.encode_prompt` (positions past each prompt's length are zero); they are stored
+without the zero tail and padded back to `max_sequence_length` on load.
+
+`compress_disk_cache` stores every tensor zstd-compressed (pyarrow's codec) as a uint8 tensor inside the same
+safetensors shard; dtype and shape sit in the shard's metadata, so reading one sample still reads only its bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from safetensors import safe_open
+
+from dmd.core.config import ModelConfig, Params, dump_stage
+from dmd.core.io import (
+    remove_stale_temporaries,
+    sha256_file,
+    write_json,
+    write_parquet,
+    write_safetensors,
+    write_text,
+)
+from dmd.core.video import VideoReadError, read_video, video_info
+from dmd.data.buckets import Bucket, bucket_size, frame_indices, meets_minimum_size, resize_clip
+from dmd.data.datasets import (
+    PROBLEM_KINDS,
+    UNUSABLE_KINDS,
+    Problem,
+    Source,
+    discover,
+    file_problem,
+    sniff_video,
+)
+from dmd.wan.loading import count_truncated, encode_prompts, load_text_encoder, load_vae
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPRESSION = "zstd"
+DECODE_PROBLEMS = ("not_a_video", "corrupt")  # depend on the bytes alone, so a re-run may reuse them
+INDEX_COLUMNS = [
+    "key",  # sample key: latent_key + text_key
+    "dataset",
+    "source",  # the video file
+    "caption",
+    "bucket",  # "FxHxW" in pixels; one latent shape per bucket
+    "latent_shape",  # [C, T, H, W]
+    "dtype",
+    "shard",  # latents shard, relative to the cache directory
+    "latent_key",
+    "text_key",
+    "text_shard",
+    "text_length",  # tokens before the zero padding
+    "has_noise",
+    "latents_from",  # "vae" or "teacher"
+    "repeats",
+    "source_sha256",
+    "source_frames",
+    "source_height",
+    "source_width",
+]
+PROBLEM_COLUMNS = ["dataset", "path", "kind", "reason", "source_sha256", "deleted"]
+
+
+class NoUsableSamplesError(RuntimeError):
+    """Every source was a problem; the message counts them by kind and shows some."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model identity and latent geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels map to latents: VAE factors, the transformer's patch, and the resulting size alignment."""
+
+    temporal_factor: int
+    spatial_factor: int
+    alignment: int
+    latent_channels: int
+    latents_mean: tuple[float, ...]
+    latents_std: tuple[float, ...]
+
+    def latent_shape(self, bucket: Bucket) -> list[int]:
+        return [
+            self.latent_channels,
+            (bucket.frames - 1) // self.temporal_factor + 1,
+            bucket.height // self.spatial_factor,
+            bucket.width // self.spatial_factor,
+        ]
+
+
+def model_dir(path_or_id: str, revision: str | None, subfolders: list[str]) -> Path:
+    """A local directory for a model path or hub id (offline: only what the hub cache already holds)."""
+    if Path(path_or_id).exists():
+        return Path(path_or_id)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                path_or_id,
+                revision=revision,
+                allow_patterns=[f"{s}/*" for s in subfolders],
+                local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"),
+            )
+        )
+    except Exception as e:
+        raise FileNotFoundError(
+            f"model '{path_or_id}' ({', '.join(subfolders)}): not a local directory and not fetchable ({e}); "
+            f"set model.pretrained_model_name_or_path / model.pretrained_t5_model_name_or_path to a local "
+            f"diffusers Wan directory"
+        ) from None
+
+
+def _config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; is {folder.parent} a diffusers Wan directory?")
+    return json.loads(file.read_text())
+
+
+def model_geometry(cfg: ModelConfig) -> Geometry:
+    from diffusers import AutoencoderKLWan
+
+    root = model_dir(cfg.pretrained_model_name_or_path, cfg.revision, ["vae", "transformer"])
+    vae, transformer = _config(root / "vae"), _config(root / "transformer")
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    down = vae.get("temperal_downsample", defaults["temperal_downsample"])
+    spatial = vae.get("scale_factor_spatial") or 2 ** len(down)
+    temporal = vae.get("scale_factor_temporal") or 2 ** sum(bool(d) for d in down)
+    patch = transformer.get("patch_size", [1, 2, 2])
+    z_dim = vae.get("z_dim", defaults["z_dim"])
+    return Geometry(
+        temporal_factor=int(temporal),
+        spatial_factor=int(spatial),
+        alignment=int(spatial) * int(np.lcm(patch[1], patch[2])),
+        latent_channels=int(z_dim),
+        latents_mean=tuple(vae.get("latents_mean") or [0.0] * z_dim),
+        latents_std=tuple(vae.get("latents_std") or [1.0] * z_dim),
+    )
+
+
+def _file_digest(path: Path) -> str:
+    """A weight file's sha256; files in the hub cache are symlinks to blobs already named by it."""
+    target = path.resolve()
+    if path.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
+        return target.name
+    return sha256_file(path)
+
+
+def folder_identity(folder: Path) -> dict:
+    """Config files verbatim and weight files by hash: what makes a model component what it is."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = f.relative_to(folder).as_posix()
+        files[rel] = (
+            f.read_text() if f.suffix in (".json", ".txt", ".model") and f.stat().st_size < 1 << 24 else None
+        )
+        if files[rel] is None:
+            files[rel] = _file_digest(f)
+    return files
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def vae_identity(cfg: ModelConfig) -> str:
+    root = model_dir(cfg.pretrained_model_name_or_path, cfg.revision, ["vae"])
+    return _digest({"vae": folder_identity(root / "vae")})
+
+
+def text_identity(cfg: ModelConfig) -> str:
+    root = model_dir(cfg.text_encoder_path, cfg.revision, ["text_encoder", "tokenizer"])
+    return _digest(
+        {
+            "text_encoder": folder_identity(root / "text_encoder"),
+            "tokenizer": folder_identity(root / "tokenizer"),
+            "precision": cfg.text_encoder_1_precision,
+            "quantize_via": cfg.quantize_via,
+            "max_sequence_length": cfg.max_sequence_length,
+        }
+    )
+
+
+def latent_key(
+    source_sha: str, source: Source, rounding: int, geometry: Geometry, vae_id: str, teacher
+) -> str:
+    return _digest(
+        {
+            "format": FORMAT_VERSION,
+            "source": source_sha,
+            "preprocessing": source.settings.preprocessing(),
+            "aspect_bucket_rounding": rounding,
+            "alignment": geometry.alignment,
+            "vae": vae_id,
+            "teacher": teacher,
+        }
+    )
+
+
+def text_key(caption: str, text_id: str) -> str:
+    return _digest({"format": FORMAT_VERSION, "caption": caption, "text": text_id})
+
+
+def sample_key(latent: str, text: str) -> str:
+    return hashlib.sha256(f"{latent}:{text}".encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shards: safetensors files, optionally with each tensor zstd-compressed
+
+
+def write_shard(
+    path: Path, tensors: dict[str, torch.Tensor], compress: bool, extra: dict[str, str] | None = None
+) -> None:
+    metadata = {
+        "format": f"dmd-cache-{FORMAT_VERSION}",
+        "compression": COMPRESSION if compress else "none",
+        **(extra or {}),
+    }
+    if compress:
+        stored = {}
+        for name, t in tensors.items():
+            t = t.detach().contiguous().cpu()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            stored[name] = torch.frombuffer(
+                bytearray(pa.compress(raw, codec=COMPRESSION, asbytes=True)), dtype=torch.uint8
+            )
+            metadata[name] = json.dumps(
+                {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            )
+        tensors = stored
+    write_safetensors(path, tensors, metadata)
+
+
+class ShardReader:
+    """Reads one tensor at a time (memory-mapped, or decompressed when stored so), keeping the most recently used
+    `max_open` shards open."""
+
+    def __init__(self, max_open: int = 64):
+        self._open: OrderedDict[Path, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_open = max_open
+
+    def get(self, path: Path, name: str) -> torch.Tensor:
+        with self._lock:
+            handle = self._open.pop(path, None) or safe_open(str(path), framework="pt")
+            self._open[path] = handle
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        meta = handle.metadata() or {}
+        tensor = handle.get_tensor(name)
+        if meta.get("compression", "none") == "none":
+            return tensor
+        info = json.loads(meta[name])
+        dtype = getattr(torch, info["dtype"])
+        size = int(np.prod(info["shape"])) * torch.empty((), dtype=dtype).element_size()
+        raw = pa.decompress(
+            tensor.numpy().tobytes(), decompressed_size=size, codec=meta["compression"], asbytes=True
+        )
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(info["shape"])
+
+
+def read_shard_tables(folders: Iterable[Path]) -> pd.DataFrame:
+    """The row tables of every complete shard (its .safetensors present) in `folders`, with a `path` column."""
+    tables = []
+    for folder in folders:
+        for table in sorted(Path(folder).glob("shard-*.parquet")):
+            shard = table.with_suffix(".safetensors")
+            if shard.is_file():
+                tables.append(pd.read_parquet(table).assign(path=str(shard)))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: hash the sources, reuse what the shards hold, list what must be encoded
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A source whose latents are not in the cache yet."""
+
+    source: Source
+    source_sha: str
+    latent_key: str
+    teacher_latents: bool  # the generate stage's exact latents may be taken
+
+
+@dataclass
+class Plan:
+    output_dir: Path
+    geometry: Geometry
+    vae_id: str
+    text_id: str
+    sources: list[tuple[Source, str, str]]  # (source, source_sha, latent_key) for every hashable source
+    available: pd.DataFrame  # latent shard rows found, one per latent_key
+    work: list[WorkItem]
+    problems: list[Problem]
+    problem_sha: dict[str, str]  # path -> source sha of hashed problem files
+    shard_dirs: list[Path]
+    started: float = field(default_factory=time.perf_counter)
+
+    def chunks(self, chunk_size: int) -> list[list[WorkItem]]:
+        """Work split per shard directory into chunks of `chunk_size` (one shard each)."""
+        by_dir: dict[Path, list[WorkItem]] = {}
+        for item in self.work:
+            by_dir.setdefault(item.source.settings.shard_dir, []).append(item)
+        return [
+            items[i : i + chunk_size] for items in by_dir.values() for i in range(0, len(items), chunk_size)
+        ]
+
+
+def plan_cache(params: Params) -> Plan:
+    cfg = params.cache
+    out = Path(cfg.output_dir)
+    geometry = model_geometry(params.model)
+    vae_id, text_id = vae_identity(params.model), text_identity(params.model)
+    sources, problems = discover(cfg, geometry.temporal_factor)
+    shard_dirs = sorted(
+        {*(p for p in (out / "latents").glob("*") if p.is_dir()), *(s.settings.shard_dir for s in sources)}
+    )
+    for folder in (out, *shard_dirs):  # the cache is kept across runs: a killed run's temporaries go now
+        for path in remove_stale_temporaries(folder):
+            log.info("removed %s, left by a run that was stopped", path)
+    available = read_shard_tables(shard_dirs)
+    if len(available):
+        available = available.drop_duplicates("latent_key").set_index("latent_key", drop=False)
+    cached = set(available.index) if len(available) else set()
+    known_bad = _previous_decode_problems(out)
+
+    checked = _map_threads(_check_and_hash, sources, max(1, cfg.num_workers))
+    planned, work, problem_sha, queued = [], [], {}, set()
+    for source, (sha, problem) in zip(sources, checked):
+        if problem is not None:
+            problems.append(problem)
+            continue
+        teacher = _teacher_digest(source, sha, params) if cfg.use_teacher_latents else None
+        key = latent_key(sha, source, cfg.aspect_bucket_rounding, geometry, vae_id, teacher)
+        if key not in cached:
+            if sha in known_bad:
+                kind, reason = known_bad[sha]
+                problems.append(Problem(source.dataset, str(source.path), kind, f"{source.path}: {reason}"))
+                problem_sha[str(source.path)] = sha
+                continue
+            if key not in queued:
+                queued.add(key)
+                work.append(WorkItem(source, sha, key, teacher is not None))
+        planned.append((source, sha, key))
+    log.info(
+        "cache plan: %d sources, %d already cached, %d to encode, %d problems",
+        len(planned) + len(problems),
+        len(planned) - len(work),
+        len(work),
+        len(problems),
+    )
+    return Plan(out, geometry, vae_id, text_id, planned, available, work, problems, problem_sha, shard_dirs)
+
+
+def _check_and_hash(source: Source) -> tuple[str | None, Problem | None]:
+    problem = file_problem(source.dataset, source.path)
+    if problem is not None:
+        return None, problem
+    try:
+        return sha256_file(source.path), None
+    except OSError as e:
+        return None, Problem(
+            source.dataset, str(source.path), "unreadable", f"{source.path}: cannot be read ({e})"
+        )
+
+
+def _teacher_digest(source: Source, sha: str, params: Params) -> dict | None:
+    """The teacher files' identity when their latents are exactly this clip's, else None (encode the video)."""
+    t, s = source.teacher, source.settings
+    if t is None or t.latents is None or not t.latents.is_file() or t.sha256 != sha:
+        return None
+    if t.frames != s.num_frames or s.frame_interval != 1 or t.height is None or t.width is None:
+        return None
+    if t.teacher is not None and not _same_model(t.teacher, params.model.pretrained_model_name_or_path):
+        return None
+    noise = t.noise if t.noise is not None and t.noise.is_file() else None
+    return {"latents": sha256_file(t.latents), "noise": sha256_file(noise) if noise else None}
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa_, pb = Path(a), Path(b)
+    if pa_.exists() and pb.exists():
+        return pa_.resolve() == pb.resolve()
+    return a == b
+
+
+def _previous_decode_problems(out: Path) -> dict[str, tuple[str, str]]:
+    file = out / "problems.parquet"
+    if not file.is_file():
+        return {}
+    table = pd.read_parquet(file)
+    table = table[table["kind"].isin(DECODE_PROBLEMS) & table["source_sha256"].notna()]
+    return {r.source_sha256: (r.kind, r.reason.removeprefix(f"{r.path}: ")) for r in table.itertuples()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding: read + resize in worker threads, VAE in the calling thread, one shard per chunk
+
+
+@dataclass
+class ChunkResult:
+    rows: pd.DataFrame  # shard rows, one per encoded latent_key
+    problems: list[Problem]
+    problem_sha: dict[str, str]
+    clips: int  # items processed
+    seconds: float
+
+
+@dataclass
+class _Prepared:
+    item: WorkItem
+    bucket: Bucket | None = None
+    info: tuple[int, int, int] = (0, 0, 0)  # source frames, height, width
+    pixels: torch.Tensor | None = None  # (3,F,H,W) in [-1,1]
+    latents: torch.Tensor | None = None  # teacher latents (C,T,H,W)
+    noise: torch.Tensor | None = None
+    problem: Problem | None = None
+
+
+_MODEL_LOCK = threading.Lock()  # Wan's VAE keeps per-call feature caches: one encode at a time per process
+
+
+@functools.lru_cache(maxsize=1)
+def _vae(model_json: str, device: str):
+    return load_vae(ModelConfig.model_validate_json(model_json), device)
+
+
+@functools.lru_cache(maxsize=1)
+def _text_encoder(model_json: str, device: str):
+    return load_text_encoder(ModelConfig.model_validate_json(model_json), device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str | None = None) -> ChunkResult:
+    """Encode `items` (one shard directory) into one shard; unusable files come back as problems."""
+    started = time.perf_counter()
+    cfg, geometry = params.cache, plan.geometry
+    device = device or default_device()
+    latents: dict[str, torch.Tensor] = {}
+    rows, problems, problem_sha = [], [], {}
+    pending: dict[Bucket, list[_Prepared]] = {}
+
+    def add(prep: _Prepared, z: torch.Tensor, source: str) -> None:
+        key = prep.item.latent_key
+        latents[f"{key}.latents"] = z
+        if prep.noise is not None:
+            latents[f"{key}.noise"] = prep.noise
+        rows.append(
+            {
+                "latent_key": key,
+                "bucket": prep.bucket.name,
+                "latent_shape": list(z.shape),
+                "dtype": str(z.dtype).removeprefix("torch."),
+                "compression": COMPRESSION if cfg.compress_disk_cache else "none",
+                "has_noise": prep.noise is not None,
+                "latents_from": source,
+                "source_frames": prep.info[0],
+                "source_height": prep.info[1],
+                "source_width": prep.info[2],
+            }
+        )
+
+    def flush(bucket: Bucket) -> None:
+        batch = pending.pop(bucket)
+        z = encode_pixels(
+            _vae(params.model.model_dump_json(), device), torch.stack([p.pixels for p in batch]), geometry
+        )
+        for prep, zi in zip(batch, z):
+            add(prep, zi.clone(), "vae")
+
+    prepare = functools.partial(_prepare, cfg=cfg, geometry=geometry)
+    window = max(1, cfg.num_workers) + cfg.vae_batch_size
+    for prep in _map_threads_ordered(prepare, items, cfg.num_workers, window):
+        if prep.problem is not None:
+            problems.append(prep.problem)
+            problem_sha[prep.problem.path] = prep.item.source_sha
+        elif prep.latents is not None:
+            add(prep, prep.latents, "teacher")
+        else:
+            pending.setdefault(prep.bucket, []).append(prep)
+            if len(pending[prep.bucket]) >= cfg.vae_batch_size:
+                flush(prep.bucket)
+    for bucket in list(pending):
+        flush(bucket)
+
+    table = pd.DataFrame(rows)
+    if rows:
+        name = "shard-" + _digest(sorted(r["latent_key"] for r in rows))[:20]
+        folder = items[0].source.settings.shard_dir
+        write_shard(folder / f"{name}.safetensors", latents, cfg.compress_disk_cache)
+        table = table.assign(shard=f"{name}.safetensors")
+        write_parquet(folder / f"{name}.parquet", table)
+        table = table.assign(path=str(folder / f"{name}.safetensors"))
+    return ChunkResult(table, problems, problem_sha, len(items), time.perf_counter() - started)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels_BCFHW: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """Normalised latents (B,C,T,H,W) in float32: the posterior's mode, `(z - latents_mean) / latents_std`."""
+    with _MODEL_LOCK:
+        z = vae.encode(pixels_BCFHW.to(vae.device, vae.dtype)).latent_dist.mode()
+    return normalize_latents(z.float().cpu(), geometry.latents_mean, geometry.latents_std)
+
+
+def normalize_latents(z_BCTHW: torch.Tensor, mean, std) -> torch.Tensor:
+    shape = (1, -1, 1, 1, 1)
+    return (z_BCTHW - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def denormalize_latents(latents_BCTHW: torch.Tensor, mean, std) -> torch.Tensor:
+    """What WanPipeline does before `vae.decode`: `latents * latents_std + latents_mean`."""
+    shape = (1, -1, 1, 1, 1)
+    return latents_BCTHW * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+
+
+def _prepare(item: WorkItem, cfg, geometry: Geometry) -> _Prepared:
+    """Probe, check and read one clip (runs in a worker thread)."""
+    source, s = item.source, item.source.settings
+    prep = _Prepared(item)
+
+    def fail(kind: str, reason: str) -> _Prepared:
+        prep.problem = Problem(source.dataset, str(source.path), kind, f"{source.path}: {reason}")
+        return prep
+
+    try:
+        if not sniff_video(source.path):
+            return fail("not_a_video", "not a video container (unknown file signature)")
+        frames, height, width, _ = video_info(source.path)
+    except VideoReadError as e:
+        return fail("corrupt", str(e).removeprefix(f"{source.path}: "))
+    except OSError as e:
+        return fail("unreadable", f"cannot be read ({e.strerror or e})")
+    prep.info = (frames, height, width)
+    indices = frame_indices(s.num_frames, s.frame_interval)
+    if frames <= indices[-1]:
+        return fail(
+            "too_few_frames",
+            f"{frames} frames; needs {indices[-1] + 1} for num_frames={s.num_frames} at frame_interval="
+            f"{s.frame_interval}",
+        )
+    if not meets_minimum_size(height, width, s.resolution_type, s.minimum_image_size):
+        return fail(
+            "too_small",
+            f"{width}x{height} is below minimum_image_size={s.minimum_image_size} ({s.resolution_type})",
+        )
+    h, w = bucket_size(
+        height, width, s.resolution_type, s.resolution, cfg.aspect_bucket_rounding, geometry.alignment
+    )
+    prep.bucket = Bucket(s.num_frames, h, w)
+    if item.teacher_latents and _take_teacher(prep, geometry):
+        return prep
+    try:
+        pixels = read_video(source.path, indices)
+    except VideoReadError as e:
+        return fail("corrupt", str(e).removeprefix(f"{source.path}: "))
+    prep.pixels = resize_clip(torch.from_numpy(pixels), h, w, s.crop)
+    return prep
+
+
+def _take_teacher(prep: _Prepared, geometry: Geometry) -> bool:
+    """Use the generate stage's latents when the video is whole and at its bucket's size; else encode it."""
+    teacher, bucket = prep.item.source.teacher, prep.bucket
+    if prep.info != (bucket.frames, bucket.height, bucket.width):
+        return False
+    from safetensors.torch import load_file
+
+    latents = load_file(str(teacher.latents))["latents"].float()
+    if list(latents.shape) != geometry.latent_shape(bucket):
+        return False
+    noise = (
+        load_file(str(teacher.noise))["noise"].float()
+        if teacher.noise is not None and teacher.noise.is_file()
+        else None
+    )
+    prep.latents = latents
+    prep.noise = noise if noise is not None and noise.shape == latents.shape else None
+    return True
+
+
+def encode_texts(params: Params, plan: Plan, device: str | None = None) -> pd.DataFrame:
+    """Embed every caption of the plan not yet in text/, and the negative and empty prompts when they changed.
+
+    Returns the text shard rows of the captions (reused and new), one per text_key.
+    """
+    cfg, text_dir = params.cache, plan.output_dir / "text"
+    device = device or default_device()
+    captions = sorted({source.caption for source, _, _ in plan.sources})
+    keys = {c: text_key(c, plan.text_id) for c in captions}
+    available = read_shard_tables([text_dir])
+    have = set(available["text_key"]) if len(available) else set()
+    todo = [c for c in captions if keys[c] not in have]
+    specials = {"negative": params.negative_prompt, "empty": ""}
+    stale = {
+        name: p
+        for name, p in specials.items()
+        if _special_key(text_dir / f"{name}.safetensors") != text_key(p, plan.text_id)
+    }
+    if todo or stale:
+        tokenizer, encoder = _text_encoder(params.model.model_dump_json(), device)
+        truncated = count_truncated(tokenizer, todo, params.model.max_sequence_length) if todo else []
+        if truncated:
+            log.warning(
+                "%d caption(s) are longer than model.max_sequence_length=%d tokens and are truncated, as "
+                "WanPipeline truncates them; e.g. %r",
+                len(truncated),
+                params.model.max_sequence_length,
+                todo[truncated[0]][:120],
+            )
+        embed = functools.partial(
+            _embed, tokenizer=tokenizer, encoder=encoder, max_len=params.model.max_sequence_length
+        )
+        for name, prompt in stale.items():
+            embeds, _ = embed([prompt])
+            write_shard(
+                text_dir / f"{name}.safetensors",
+                {"prompt_embeds": embeds},
+                compress=False,
+                extra={"text_key": text_key(prompt, plan.text_id)},
+            )
+        tensors, rows = {}, []
+        for i in range(0, len(todo), cfg.text_batch_size):
+            batch = todo[i : i + cfg.text_batch_size]
+            embeds, lengths = embed(batch)
+            for caption, e, n in zip(batch, embeds, lengths):
+                tensors[f"{keys[caption]}.prompt_embeds"] = e[:n].clone()
+                rows.append(
+                    {
+                        "text_key": keys[caption],
+                        "caption": caption,
+                        "text_length": int(n),
+                        "dtype": str(e.dtype).removeprefix("torch."),
+                    }
+                )
+        if rows:
+            name = "shard-" + _digest(sorted(r["text_key"] for r in rows))[:20]
+            write_shard(text_dir / f"{name}.safetensors", tensors, cfg.compress_disk_cache)
+            table = pd.DataFrame(rows).assign(shard=f"{name}.safetensors")
+            write_parquet(text_dir / f"{name}.parquet", table)
+        _text_encoder.cache_clear()  # the text encoder is not needed again in this run; free its memory
+        log.info(
+            "text: %d caption(s) embedded, %d reused; special prompts re-embedded: %s",
+            len(todo),
+            len(captions) - len(todo),
+            sorted(stale) or "none",
+        )
+        available = read_shard_tables([text_dir])
+    if not len(available):
+        return pd.DataFrame(columns=["text_key", "caption", "text_length", "dtype", "shard", "path", "new"])
+    available = available[available["text_key"].isin(set(keys.values()))].drop_duplicates("text_key")
+    return available.assign(new=available["text_key"].isin({keys[c] for c in todo}))
+
+
+def _embed(prompts: list[str], tokenizer, encoder, max_len: int) -> tuple[torch.Tensor, list[int]]:
+    with _MODEL_LOCK:
+        embeds = encode_prompts(tokenizer, encoder, prompts, max_len).cpu()
+    lengths = tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True).attention_mask
+    return embeds, [int(sum(m)) for m in lengths]
+
+
+def _special_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("text_key")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finishing: index, problems, metadata, clean-up
+
+
+@dataclass
+class CacheSummary:
+    sources: int
+    samples: int  # rows of the index
+    encoded: int  # clips whose latents were computed in this run (VAE or teacher)
+    from_teacher: int
+    reused: int
+    captions_embedded: int
+    problems: dict[str, int]
+    seconds: float
+    buckets: dict[str, int]
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        probs = ", ".join(f"{k} {v}" for k, v in self.problems.items()) or "none"
+        return (
+            f"{self.samples} samples cached ({self.encoded} encoded, {self.from_teacher} from teacher latents, "
+            f"{self.reused} reused) from {self.sources} sources in {self.seconds:.1f}s "
+            f"({self.clips_per_second:.2f} clips/s); {self.captions_embedded} captions embedded; "
+            f"problems: {probs}; buckets: {self.buckets}"
+        )
+
+
+def finalize_cache(
+    params: Params, plan: Plan, results: list[ChunkResult], text_rows: pd.DataFrame
+) -> CacheSummary:
+    """Write index.parquet, problems.parquet, meta.json and summary.json; delete unreferenced shards."""
+    cfg, out = params.cache, plan.output_dir
+    new_rows = [r.rows for r in results if len(r.rows)]
+    latents = (
+        pd.concat([plan.available.reset_index(drop=True), *new_rows], ignore_index=True)
+        if new_rows
+        else plan.available
+    )
+    if len(latents):
+        latents = latents.drop_duplicates("latent_key", keep="last").set_index("latent_key", drop=False)
+    problems = list(plan.problems) + [p for r in results for p in r.problems]
+    problem_sha = {**plan.problem_sha, **{k: v for r in results for k, v in r.problem_sha.items()}}
+    failed = {p.path for p in problems}
+    texts = text_rows.set_index("text_key", drop=False) if len(text_rows) else pd.DataFrame()
+
+    rows, seen = [], set()
+    for source, sha, key in plan.sources:
+        if str(source.path) in failed or key not in latents.index:
+            continue
+        entry = latents.loc[key]
+        if not meets_minimum_size(
+            int(entry["source_height"]),
+            int(entry["source_width"]),
+            source.settings.resolution_type,
+            source.settings.minimum_image_size,
+        ):
+            problems.append(
+                Problem(
+                    source.dataset,
+                    str(source.path),
+                    "too_small",
+                    f"{source.path}: {entry['source_width']}x{entry['source_height']} is below minimum_image_size={source.settings.minimum_image_size}",
+                )
+            )
+            problem_sha[str(source.path)] = sha
+            continue
+        tk = text_key(source.caption, plan.text_id)
+        key_ = sample_key(key, tk)
+        if key_ in seen:
+            continue
+        seen.add(key_)
+        text = texts.loc[tk]
+        rows.append(
+            {
+                "key": key_,
+                "dataset": source.dataset,
+                "source": str(source.path),
+                "caption": source.caption,
+                "bucket": entry["bucket"],
+                "latent_shape": [int(v) for v in entry["latent_shape"]],
+                "dtype": entry["dtype"],
+                "shard": os.path.relpath(entry["path"], out),
+                "latent_key": key,
+                "text_key": tk,
+                "text_shard": os.path.relpath(Path(text["path"]), out),
+                "text_length": int(text["text_length"]),
+                "has_noise": bool(entry["has_noise"]),
+                "latents_from": entry["latents_from"],
+                "repeats": source.settings.repeats,
+                "source_sha256": sha,
+                "source_frames": int(entry["source_frames"]),
+                "source_height": int(entry["source_height"]),
+                "source_width": int(entry["source_width"]),
+            }
+        )
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
+    problem_table = _problem_table(problems, problem_sha, cfg.delete_problematic_images)
+    write_parquet(out / "problems.parquet", problem_table)
+    counts = problem_table["kind"].value_counts().to_dict()
+    if index.empty:
+        examples = "\n".join(f"  {p.kind}: {p.reason}" for p in problems[:10])
+        raise NoUsableSamplesError(
+            f"no usable sample among {len(plan.sources) + len(plan.problems)} source(s) of cache.datasets "
+            f"{[d.id for d in cfg.datasets if not d.disabled]}; problems by kind {counts} "
+            f"(all listed in {out / 'problems.parquet'}):\n{examples}"
+        )
+    write_parquet(out / "index.parquet", index)
+    write_json(
+        out / "meta.json",
+        {
+            "format": FORMAT_VERSION,
+            "vae": plan.vae_id,
+            "text_encoder": plan.text_id,
+            "max_sequence_length": params.model.max_sequence_length,
+            "latent_channels": plan.geometry.latent_channels,
+            "temporal_factor": plan.geometry.temporal_factor,
+            "spatial_factor": plan.geometry.spatial_factor,
+            "alignment": plan.geometry.alignment,
+            "latents_mean": list(plan.geometry.latents_mean),
+            "latents_std": list(plan.geometry.latents_std),
+            "disable_bucket_pruning": cfg.disable_bucket_pruning,
+        },
+    )
+    _remove_unreferenced(out, plan.shard_dirs, index)
+    _vae.cache_clear()
+    encoded = sum(len(r.rows) for r in results)
+    summary = CacheSummary(
+        sources=len(plan.sources) + len(plan.problems),
+        samples=len(index),
+        encoded=encoded,
+        from_teacher=sum(int((r.rows["latents_from"] == "teacher").sum()) for r in results if len(r.rows)),
+        reused=len(index)
+        - int(
+            index["latent_key"].isin({k for r in results if len(r.rows) for k in r.rows["latent_key"]}).sum()
+        ),
+        captions_embedded=int(text_rows["new"].sum()) if "new" in text_rows else 0,
+        problems={k: int(counts.get(k, 0)) for k in PROBLEM_KINDS if counts.get(k)},
+        seconds=time.perf_counter() - plan.started,
+        buckets=index["bucket"].value_counts().sort_index().to_dict(),
+    )
+    # what the cache holds, not what this run did: a rerun that changes nothing rewrites the same bytes
+    write_json(
+        out / "summary.json",
+        {
+            "sources": summary.sources,
+            "samples": summary.samples,
+            "teacher_latents": int((index["latents_from"] == "teacher").sum()),
+            "problems": summary.problems,
+            "buckets": summary.buckets,
+        },
+    )
+    log.info("cache: %s", summary.line())
+    return summary
+
+
+def _problem_table(problems: list[Problem], problem_sha: dict[str, str], delete: bool) -> pd.DataFrame:
+    rows = []
+    for p in problems:
+        deleted = False
+        if delete and p.kind in UNUSABLE_KINDS and Path(p.path).is_file():
+            Path(p.path).unlink()
+            deleted = True
+            log.warning("deleted problematic file %s (%s)", p.path, p.kind)
+        rows.append({**p.__dict__, "source_sha256": problem_sha.get(p.path), "deleted": deleted})
+    table = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype({"source_sha256": "string"})
+    # one order whether a problem was found in this run or remembered from the last one
+    return table.sort_values(["dataset", "path", "kind"], kind="stable", ignore_index=True)
+
+
+def _remove_unreferenced(out: Path, shard_dirs: list[Path], index: pd.DataFrame) -> None:
+    """Delete shards (and their row tables) that no index row refers to any more."""
+    used = {(out / s).resolve() for s in index["shard"]} | {(out / s).resolve() for s in index["text_shard"]}
+    for folder in [*shard_dirs, out / "text"]:
+        for shard in Path(folder).glob("shard-*.safetensors"):
+            if shard.resolve() not in used:
+                shard.with_suffix(".parquet").unlink(missing_ok=True)
+                shard.unlink(missing_ok=True)
+
+
+def build_cache(params: Params, device: str | None = None) -> CacheSummary:
+    """The whole stage without Prefect: plan, embed captions, encode chunks, finish (tests, benchmarks)."""
+    plan = plan_cache(params)
+    text_rows = encode_texts(params, plan, device)
+    results = []
+    chunks = plan.chunks(params.cache.chunk_size)
+    for chunk in chunks:
+        results.append(encode_chunk(params, plan, chunk, device))
+        log.info("cache %s", progress_line(results, len(chunks)))
+    return finalize_cache(params, plan, results, text_rows)
+
+
+def progress_line(results: list[ChunkResult], total_chunks: int) -> str:
+    """`chunk i/n: clips, clips/s, problems` over the chunks done so far."""
+    clips = sum(r.clips for r in results)
+    seconds = sum(r.seconds for r in results)
+    problems = sum(len(r.problems) for r in results)
+    return (
+        f"chunk {len(results)}/{total_chunks}: {clips} clips, {clips / max(seconds, 1e-9):.2f} clips/s, "
+        f"{problems} problems"
+    )
+
+
+def write_effective_params(params: Params) -> Path:
+    """The settings this cache was built with, beside it (`params.effective.yaml`)."""
+    path = Path(params.cache.output_dir) / "params.effective.yaml"
+    write_text(path, dump_stage(params, "cache"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading: the cache and the training loader
+
+
+class LatentCache:
+    """A built cache directory: `.index` (DataFrame, INDEX_COLUMNS), the special prompts, `.load(key)`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for name in ("index.parquet", "meta.json", "text/negative.safetensors", "text/empty.safetensors"):
+            if not (self.root / name).is_file():
+                raise FileNotFoundError(f"{self.root / name}: missing; build the cache with `dmd cache`")
+        self.index = pd.read_parquet(self.root / "index.parquet")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.max_sequence_length = int(self.meta["max_sequence_length"])
+        self._rows = {k: i for i, k in enumerate(self.index["key"])}
+        self._reader = ShardReader()
+        self.negative_prompt_embeds = self._reader.get(
+            self.root / "text/negative.safetensors", "prompt_embeds"
+        )
+        self.empty_prompt_embeds = self._reader.get(self.root / "text/empty.safetensors", "prompt_embeds")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        """latents (C,T,H,W), prompt_embeds (L,D) zero past the caption's length, and noise (C,T,H,W) if any."""
+        row = self.index.iloc[self._rows[key]]
+        shard = self.root / row["shard"]
+        out = {"latents": self._reader.get(shard, f"{row['latent_key']}.latents")}
+        embeds = self._reader.get(self.root / row["text_shard"], f"{row['text_key']}.prompt_embeds")
+        out["prompt_embeds"] = torch.cat(
+            [embeds, embeds.new_zeros(self.max_sequence_length - embeds.shape[0], embeds.shape[1])]
+        )
+        if row["has_noise"]:
+            out["noise"] = self._reader.get(shard, f"{row['latent_key']}.noise")
+        return out
+
+
+def open_cache(cache_dir: str | Path) -> LatentCache:
+    return LatentCache(cache_dir)
+
+
+@dataclass
+class Batch:
+    """Samples of one bucket, so all latents share a shape."""
+
+    latents_BCTHW: torch.Tensor
+    prompt_embeds_BLD: torch.Tensor
+    captions: list[str]
+    keys: list[str]
+    noise_BCTHW: torch.Tensor | None  # the teacher's initial noise, when every sample has it
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+        return Batch(
+            move(self.latents_BCTHW),
+            move(self.prompt_embeds_BLD),
+            self.captions,
+            self.keys,
+            move(self.noise_BCTHW),
+        )
+
+
+class CacheLoader:
+    """Bucketed batches over a LatentCache, endless over epochs, in an order fixed by (seed, epoch).
+
+    Each epoch every sample appears `1 + repeats` times (`repeats=None`: each dataset's own `repeats`). Per bucket
+    the copies are shuffled and cut into batches; the batches of all buckets are then shuffled together. A bucket
+    with fewer copies than `batch_size` is dropped when the cache was built with `disable_bucket_pruning: false`
+    (logged), and otherwise filled to one full batch by cycling its samples; a larger bucket's last partial
+    batch is dropped when `drop_last`. With `world_size > 1` each rank takes every `world_size`-th batch of the
+    same order. `state_dict()` after n batches, loaded into a new loader, continues at batch n + 1.
+    """
+
+    def __init__(
+        self,
+        cache: LatentCache,
+        batch_size: int,
+        seed: int,
+        repeats: int | None = None,
+        drop_last: bool = True,
+        prune_small_buckets: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        self.cache, self.batch_size, self.seed, self.drop_last = cache, batch_size, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        index = cache.index
+        copies = 1 + (index["repeats"].to_numpy() if repeats is None else np.full(len(index), repeats))
+        prune = (
+            not cache.meta.get("disable_bucket_pruning", True)
+            if prune_small_buckets is None
+            else prune_small_buckets
+        )
+        self._buckets: list[np.ndarray] = []  # per bucket: row numbers, each repeated by its copies
+        pruned = []
+        for name, rows in sorted(index.groupby("bucket").indices.items()):
+            expanded = np.repeat(rows, copies[rows])
+            if prune and len(expanded) < batch_size:
+                pruned.append(f"{name} ({len(expanded)})")
+                continue
+            self._buckets.append(expanded)
+        if pruned:
+            log.warning(
+                "bucket pruning: dropped %d bucket(s) with fewer samples than batch_size=%d: %s "
+                "(set cache.disable_bucket_pruning: true to keep them)",
+                len(pruned),
+                batch_size,
+                ", ".join(pruned),
+            )
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, list[np.ndarray]] | None = None
+        self.fingerprint = _digest(sorted(index["key"]))  # which samples: a resume needs the same ones
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the cache at {cache.root} gives no batch of {batch_size} per rank ({len(index)} samples, "
+                f"buckets {index['bucket'].value_counts().to_dict()}); lower the batch size, add data or "
+                f"set cache.disable_bucket_pruning: true"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches(0))
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for rows in self._buckets:
+            perm = rng.permutation(rows)
+            if len(perm) < self.batch_size:
+                batches.append(np.resize(perm, self.batch_size))
+                continue
+            full = len(perm) // self.batch_size * self.batch_size
+            batches += np.split(perm[:full], full // self.batch_size)
+            if not self.drop_last and full < len(perm):
+                batches.append(perm[full:])
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        per_rank = len(batches) // self.world_size
+        mine = batches[self.rank : per_rank * self.world_size : self.world_size]
+        self._order = (epoch, mine)
+        return mine
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            batches = self._epoch_batches(self.epoch)
+            while self.position < len(batches):
+                rows = batches[self.position]
+                self.position += 1
+                yield self._collate(rows)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _collate(self, rows: np.ndarray) -> Batch:
+        keys = [str(self.cache.index["key"].iat[r]) for r in rows]
+        items = [self.cache.load(k) for k in keys]
+        noise = [it.get("noise") for it in items]
+        return Batch(
+            latents_BCTHW=torch.stack([it["latents"] for it in items]),
+            prompt_embeds_BLD=torch.stack([it["prompt_embeds"] for it in items]),
+            captions=[str(self.cache.index["caption"].iat[r]) for r in rows],
+            keys=keys,
+            noise_BCTHW=torch.stack(noise) if all(n is not None for n in noise) else None,
+        )
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"loader state has seed {state['seed']}, this loader {self.seed}; resume with the same seed"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"the cache at {self.cache.root} changed since this loader state was saved (different samples); "
+                f"an exact resume needs the same cache: rebuild it as it was or start the data order afresh"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Threads
+
+
+def _map_threads(fn: Callable, items: list, workers: int) -> list:
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def _map_threads_ordered(fn: Callable, items: list, workers: int, window: int) -> Iterator:
+    """`map(fn, items)` in `workers` background threads, at most `window` results ahead of the consumer."""
+    if workers == 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="cache-read") as pool:
+        it = iter(items)
+        pending = deque(pool.submit(fn, x) for x in islice(it, window))
+        while pending:
+            result = pending.popleft().result()
+            for x in islice(it, 1):
+                pending.append(pool.submit(fn, x))
+            yield result

@@ -1,0 +1,1 @@
+"""The evaluate stage: the teacher reference, metrics and the report."""

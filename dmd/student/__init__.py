@@ -1,0 +1,1 @@
+"""The trained student: sampling it and exporting it as a plain diffusers pipeline."""
