@@ -29,8 +29,10 @@ sys.path.insert(0, str(REPO))
 from dmd.core.config import Params  # noqa: E402
 from dmd.core.io import write_json  # noqa: E402
 from dmd.core.video import read_video, write_video  # noqa: E402
-from dmd.data import cache as cache_lib  # noqa: E402
+from dmd.data.cache.build import build_cache  # noqa: E402
+from dmd.data.cache.loader import open_cache  # noqa: E402
 from dmd.data.synthetic import synthetic_clip  # noqa: E402
+from dmd.wan.latents import denormalize_latents  # noqa: E402
 from dmd.wan.tiny import save_tiny_wan  # noqa: E402
 
 TOY_TEACHER = REPO / "models" / "toy-teacher"
@@ -83,14 +85,14 @@ def params_for(model: Path, videos: Path, out: Path, workers: int, size: int) ->
 def psnr_of_cache(out: Path, model: Path, count: int = 4) -> float:
     from diffusers import AutoencoderKLWan
 
-    cache = cache_lib.open_cache(out)
+    cache = open_cache(out)
     vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae").eval()
     mean, std = cache.meta["latents_mean"], cache.meta["latents_std"]
     values = []
     for row in cache.index.head(count).itertuples():
         latents = cache.load(row.key)["latents"][None]
         with torch.no_grad():
-            frames = vae.decode(cache_lib.denormalize_latents(latents, mean, std)).sample[0].clamp(-1, 1)
+            frames = vae.decode(denormalize_latents(latents, mean, std)).sample[0].clamp(-1, 1)
         source = torch.from_numpy(read_video(row.source)).permute(3, 0, 1, 2).float() / 127.5 - 1
         mse = ((frames - source) / 2).pow(2).mean().item()
         values.append(10 * np.log10(1 / max(mse, 1e-12)))
@@ -125,13 +127,13 @@ def main() -> None:
             )
 
         # one untimed run first, so imports and first-call initialisation count against neither setting
-        cache_lib.build_cache(params_for(model, videos, tmp / "warmup", 2, args.size), "cpu")
+        build_cache(params_for(model, videos, tmp / "warmup", 2, args.size), "cpu")
         runs: dict[str, dict] = {}
         for repeat in range(args.repeats):  # alternate the settings; keep each one's fastest run
             for name, workers in (("cold, inline reading", 0), ("cold, 2 reader threads", 2)):
                 out = tmp / f"cache-{workers}-{repeat}"
                 with CpuMeter() as meter:
-                    summary = cache_lib.build_cache(params_for(model, videos, out, workers, args.size), "cpu")
+                    summary = build_cache(params_for(model, videos, out, workers, args.size), "cpu")
                 if name not in runs or meter.seconds < runs[name]["seconds"]:
                     runs[name] = {
                         "seconds": meter.seconds,
@@ -140,7 +142,7 @@ def main() -> None:
                         "machine_cpu_share": meter.machine_share,
                     }
         with CpuMeter() as meter:
-            warm = cache_lib.build_cache(params_for(model, videos, tmp / "cache-2-0", 2, args.size), "cpu")
+            warm = build_cache(params_for(model, videos, tmp / "cache-2-0", 2, args.size), "cpu")
         assert warm.encoded == 0
         cold = runs["cold, 2 reader threads"]
         runs["warm re-run (nothing changed)"] = {

@@ -70,6 +70,7 @@ def _build(config: str):
     from dmd.core.config import Params
     from dmd.distill.method import DMDMethod
     from dmd.distill.roles import make_roles
+    from dmd.distill.rollout import RolloutSchedule
     from dmd.wan.loading import add_lora, quantize_int8
 
     torch.manual_seed(0)
@@ -105,7 +106,10 @@ def _build(config: str):
     roles = make_roles(base, params.train)  # (c)'s base is already int8: no full copy to take first
     text = torch.zeros(1, TEXT_TOKENS, MODEL["text_dim"])
     return SimpleNamespace(
-        base=base, n_params=n_params, roles=roles, method=DMDMethod(params, roles, text, text)
+        base=base,
+        n_params=n_params,
+        roles=roles,
+        method=DMDMethod(params, roles, RolloutSchedule.from_params(params), text, text),
     )
 
 
@@ -139,9 +143,11 @@ def _finetune_step(base, optimizer, batch, gen):
 
 
 def _dmd_step(method, critic_opt, student_opt, batch, gen):
+    from dmd.training.optim import clip_gradients
+
     loss, _ = method.critic_loss(batch, gen)
     loss.backward()
-    method.clip_critic_gradients()
+    clip_gradients(method.critic_parameters(), "norm", method.config.fake_score_grad_clip)
     critic_opt.step()
     critic_opt.zero_grad(set_to_none=True)
     loss, _ = method.generator_loss(batch, gen)
@@ -178,7 +184,9 @@ def child(config: str, repeats: int, threads: int) -> dict:
         trainable = sum(p.numel() for p in lora)
     else:
         method = built.method
-        critic_opt = method.critic_optimizer()
+        from dmd.training.optim import build_critic_optimizer
+
+        critic_opt = build_critic_optimizer(method.params, method.critic_parameters())
         student_opt = torch.optim.AdamW(method.student_parameters(), lr=1e-4)
 
         def step():

@@ -43,13 +43,16 @@ from dmd.core.io import atomic_path, write_json
 from dmd.distill.method import DMDMethod
 from dmd.distill.roles import build_roles
 from dmd.distill.rollout import RolloutSchedule, sample
-from dmd.evaluation.evaluate import LatentDecoder, load_teacher_pipeline, scheduler_with_shift
 from dmd.evaluation.metrics import gap_closed
 from dmd.toy.judge import judge_clips, reference_clips
 from dmd.toy.world import ATTRIBUTES, ToyWorld
 from dmd.training.ema import EMA
-from dmd.training.loop import build_groups, step_generator
+from dmd.training.loop import step_generator
+from dmd.training.optim import build_groups
+from dmd.wan.decode import LatentDecoder
+from dmd.wan.latents import LatentGeometry
 from dmd.wan.loading import encode_prompts
+from dmd.wan.sampler import load_teacher_pipeline, scheduler_with_shift
 
 log = logging.getLogger("dmd_toy")
 RESULTS = Path(__file__).parent / "results" / "dmd_toy.json"
@@ -65,16 +68,12 @@ class Teacher:
 
     def __init__(self, params: Params):
         self.params = params
-        self.pipe = load_teacher_pipeline(params, torch.device("cpu"))
+        self.pipe = load_teacher_pipeline(params.model, torch.device("cpu"), params.model.flow_schedule_shift)
         self.pipe.set_progress_bar_config(disable=True)
         self.decoder = LatentDecoder(self.pipe.vae)
-        vae, tr, toy = self.pipe.vae.config, self.pipe.transformer.config, params.toy
-        self.latent_shape = (
-            tr.in_channels,
-            (toy.num_frames - 1) // vae.scale_factor_temporal + 1,
-            toy.height // vae.scale_factor_spatial,
-            toy.width // vae.scale_factor_spatial,
-        )
+        toy = params.toy
+        geometry = LatentGeometry.of(self.pipe.transformer, self.pipe.vae)
+        self.latent_shape = geometry.latent_shape(toy.height, toy.width, toy.num_frames)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return encode_prompts(
@@ -137,17 +136,17 @@ def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[ob
     from accelerate.utils import set_seed
 
     tc = params.train
-    acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=True)
-    set_seed(tc.seed)
+    acc = Accelerator(mixed_precision=tc.run.mixed_precision, cpu=True)
+    set_seed(tc.run.seed)
     roles = build_roles(params)
-    method = DMDMethod(params, roles, data.negative, data.empty)
+    method = DMDMethod(params, roles, RolloutSchedule.from_params(params), data.negative, data.empty)
     student, critic = build_groups(params, method, steps, acc)
-    ema = EMA(student.params, tc.ema_decay, tc.ema_update_interval) if tc.use_ema else None
-    batch_rng = np.random.default_rng(tc.seed)
+    ema = EMA(student.params, tc.ema.ema_decay, tc.ema.ema_update_interval) if tc.ema.use_ema else None
+    batch_rng = np.random.default_rng(tc.run.seed)
     history, start = [], time.perf_counter()
     n = len(data.latents)
     for step in range(steps):
-        idx = torch.from_numpy(batch_rng.choice(n, size=tc.train_batch_size, replace=False))
+        idx = torch.from_numpy(batch_rng.choice(n, size=tc.batch.train_batch_size, replace=False))
         batch = SimpleNamespace(
             latents_BCTHW=data.latents[idx],
             prompt_embeds_BLD=data.embeds[idx],
@@ -155,7 +154,7 @@ def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[ob
             captions=[data.captions[i] for i in idx],
             keys=[str(int(i)) for i in idx],
         )
-        generator = step_generator(tc.seed, step, 0)
+        generator = step_generator(tc.run.seed, step, 0)
         m = {}
         if method.updates_generator(step):
             update = student.update(partial(method.generator_loss, generator=generator), [batch])
@@ -215,7 +214,7 @@ def main() -> int:
     train_captions = world.captions("train")
     num_clips = args.teacher_clips or base.generate.num_videos
     captions = [train_captions[i % len(train_captions)] for i in range(num_clips)]
-    negative, empty = teacher.encode([base.negative_prompt]), teacher.encode([""])
+    negative, empty = teacher.encode([base.model.negative_prompt]), teacher.encode([""])
     embeds = teacher.encode(captions)
     g = torch.Generator().manual_seed(base.generate.seed)
     noise = torch.randn((len(captions), *teacher.latent_shape), generator=g)
@@ -284,7 +283,7 @@ def main() -> int:
         )
 
     for name, params, overrides in trial_params:
-        steps = args.steps or params.train.max_train_steps
+        steps = args.steps or params.train.run.max_train_steps
         log.info("trial %s: %s, %d steps", name, overrides or "params as given", steps)
         roles, seconds, history = train_student(params, data, steps)
         schedule = RolloutSchedule.from_params(params)

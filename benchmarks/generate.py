@@ -13,7 +13,7 @@ by default the whole target of params, i.e. what the generate stage of the defau
                  (Prefect's flow-run start and finish, the plan, status checks, the manifest)
   files          the files of one video written alone (mp4 encode, latents, noise, sha256), per video
   plain script   the teacher's WanPipeline called on the main thread of a process of its own, as a plain script
-                 would (see TeacherSampler in dmd/data/generate.py for why the flow samples on one dedicated thread)
+                 would (see TeacherWorker in dmd/data/generate.py for why the flow samples on one dedicated thread)
 Rounds of teacher, flow 2, flow 1, no-work flow, interleaved; each kind keeps its best time, since the machine
 may be shared. One-time costs (the teacher's load, the Prefect server's start) are measured by a warm-up run and
 reported apart: they do not grow with the data set.
@@ -111,14 +111,15 @@ def plain_script(params_file: str, rounds: int) -> int:
     from diffusers import WanPipeline
 
     from dmd.core.config import load
-    from dmd.data.generate import initial_noise, latent_shape, prepare
+    from dmd.data.generate import prepare
+    from dmd.wan.latents import LatentGeometry, initial_noise
 
     params = load(params_file)
     plan = prepare(params)
     cfg = params.generate
     pipe = WanPipeline.from_pretrained(params.model.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
-    shape = latent_shape(pipe, cfg.height, cfg.width, cfg.num_frames)
+    shape = LatentGeometry.of(pipe.transformer, pipe.vae).latent_shape(cfg.height, cfg.width, cfg.num_frames)
     seconds = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -128,7 +129,7 @@ def plain_script(params_file: str, rounds: int) -> int:
                 batch = samples[i : i + cfg.batch_size]
                 pipe(
                     prompt=[s.prompt for s in batch],
-                    negative_prompt=[params.negative_prompt] * len(batch),
+                    negative_prompt=[params.model.negative_prompt] * len(batch),
                     height=cfg.height,
                     width=cfg.width,
                     num_frames=cfg.num_frames,
@@ -196,7 +197,7 @@ def main() -> int:
 
     from dmd.core.config import dump, load
     from dmd.core.io import write_json
-    from dmd.data.generate import TeacherSampler, prepare
+    from dmd.data.generate import TeacherWorker, prepare
 
     params = load(args.params)
     if (TOY_TEACHER / "model_index.json").is_file():
@@ -219,14 +220,14 @@ def main() -> int:
     videos = sum(len(plan.samples(k)) for k in shards)
 
     start = time.perf_counter()
-    sampler = TeacherSampler.shared(params)  # the instance the flows below use
+    teacher_worker = TeacherWorker.shared(params)  # the instance the flows below use
     load_seconds = time.perf_counter() - start
     # warm-up: starts the Prefect server, loads the flow's shared teacher, runs one shard end to end
     warmup_seconds, _ = flow_pass(params, workdir, "warmup", range(1), workers=2)
 
     runs = {"teacher": [], "flow, 2 workers (default)": [], "flow, 1 worker": [], "flow, no work": []}
     for r in range(args.rounds):  # interleaved, so a burst of load elsewhere hits every kind of run
-        runs["teacher"].append(teacher_pass(sampler, plan, shards))
+        runs["teacher"].append(teacher_pass(teacher_worker, plan, shards))
         for workers, name in ((2, "flow, 2 workers (default)"), (1, "flow, 1 worker")):
             seconds, result = flow_pass(params, workdir, f"round{r}-{workers}", shards, workers)
             assert result["videos"] == videos, result
@@ -236,7 +237,7 @@ def main() -> int:
         runs["flow, no work"].append(seconds)
     best = {name: min(times) for name, times in runs.items()}
     teacher_seconds = best["teacher"]
-    file_seconds = files_per_video(sampler, plan, workdir / "files")
+    file_seconds = files_per_video(teacher_worker, plan, workdir / "files")
     plan_file = workdir / "plan.yaml"
     plan_file.write_text(dump(params))
     main_thread_seconds = plain_script_seconds(plan_file, args.rounds)
@@ -246,7 +247,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": str(sampler.device),
+        "device": str(teacher_worker.device),
     }
     print(f"machine: {machine}")
     print(f"teacher: {teacher_note}")

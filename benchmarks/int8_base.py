@@ -175,7 +175,7 @@ def toy(args, machine: dict, results: dict) -> None:
     embeds = teacher.encode(captions)
     noise = torch.randn((len(captions), *teacher.latent_shape), generator=torch.Generator().manual_seed(0))
     data = SimpleNamespace(latents=torch.zeros_like(noise), embeds=embeds, noise=noise, captions=captions,
-                           negative=teacher.encode([base.negative_prompt]), empty=teacher.encode([""]))  # fmt: skip
+                           negative=teacher.encode([base.model.negative_prompt]), empty=teacher.encode([""]))  # fmt: skip
 
     eval_captions = [c for c in world.captions("held_out") for _ in range(args.seeds)]
     eval_embeds = teacher.encode(eval_captions)
@@ -184,15 +184,15 @@ def toy(args, machine: dict, results: dict) -> None:
         generator=torch.Generator().manual_seed(base.evaluate.seed),
     )
     reference = reference_clips(world, eval_captions)
-    negative = teacher.encode([base.negative_prompt])
+    negative = teacher.encode([base.model.negative_prompt])
     full, few = base.evaluate.teacher_steps, len(base.train.distillation_config.dmd_denoising_steps)
     guidance = base.evaluate.teacher_guidance
     rows, latents, per_clip = {}, {}, {}
     out = results.setdefault("toy", {})
     out.update(eval_clips=len(eval_captions), seeds_per_caption=args.seeds,
                eval_captions=sorted(set(eval_captions)), train_steps=args.steps,
-               overrides=[*args.overrides, *LORA], learning_rate=base.train.learning_rate,
-               fake_score_lr=base.train.distillation_config.fake_score_lr, lora_rank=base.train.lora_rank,
+               overrides=[*args.overrides, *LORA], learning_rate=base.train.optim.learning_rate,
+               fake_score_lr=base.train.distillation_config.fake_score_lr, lora_rank=base.train.student.lora_rank,
                critic_lora_rank=base.train.distillation_config.fake_score_lora_rank, rows=rows)  # fmt: skip
 
     def judge(name: str, x_BCTHW: torch.Tensor, **info) -> None:
@@ -232,7 +232,7 @@ def toy(args, machine: dict, results: dict) -> None:
         as_trained = sample_all(roles.student, eval_embeds, eval_noise, schedule, base.evaluate.seed)
         student_dir = args.workdir / trained / "student"
         export_student(
-            roles.student_transformer, params, student_dir, ema=params.train.use_ema, step=args.steps
+            roles.student_transformer, params, student_dir, ema=params.train.ema.use_ema, step=args.steps
         )
         del roles
         last = history[-max(1, len(history) // 10) :]

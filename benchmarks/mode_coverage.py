@@ -4,7 +4,7 @@ Rows: the 50-step teacher with CFG; DMD as params.yaml has it; DMD + regression;
 DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); DMD + regression + consistency;
 DMD with one rollout per step; and the best of the mode-coverage rows (highest diversity among those with FD ≤
 the teacher's and every attribute within 0.02 of it, else the highest diversity) with one rollout per step. Columns: attribute accuracies, FD,
-motion consistency, diversity and pairwise diversity (`dmd.evaluation.metrics.start_position_variety`), training seconds
+motion consistency, diversity and pairwise diversity (`dmd.toy.variety.start_position_variety`), training seconds
 per step. Every student row is the mean ± standard deviation over its training seeds; the teacher's spread is the
 bootstrap spread over evaluation seeds. Each figure of one student also carries its own bootstrap spread in the
 JSON.
@@ -103,7 +103,7 @@ def main() -> int:
     base = load(args.params)
     world = ToyWorld(base.toy)
     teacher = Teacher(base)
-    negative, empty = teacher.encode([base.negative_prompt]), teacher.encode([""])
+    negative, empty = teacher.encode([base.model.negative_prompt]), teacher.encode([""])
 
     # the training data as the generate stage makes it: one clip per training caption, in turn
     train_captions = world.captions("train")
@@ -158,14 +158,14 @@ def main() -> int:
     }
 
     def train_and_judge(name: str, overrides: list[str], seed_index: int) -> None:
-        params = load(args.params, [*overrides, f"train.seed={base.train.seed + seed_index}"])
-        log.info("%s, seed %d: %s", name, params.train.seed, overrides or "params as given")
+        params = load(args.params, [*overrides, f"train.seed={base.train.run.seed + seed_index}"])
+        log.info("%s, seed %d: %s", name, params.train.run.seed, overrides or "params as given")
         roles, seconds, _ = train_student(params, data, args.steps)
         schedule = RolloutSchedule.from_params(params)
         gen = torch.Generator().manual_seed(base.evaluate.seed)
         student = batched(lambda e, z: sample(roles.student, e, z, schedule, gen), eval_embeds, eval_noise)
         row = judge_row(decode(student), eval_captions, world, reference)
-        row.update(seed=params.train.seed, seconds_per_step=seconds / args.steps)
+        row.update(seed=params.train.run.seed, seconds_per_step=seconds / args.steps)
         runs.setdefault(name, []).append(row)
         output["overrides"][name] = overrides
         log.info("%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})

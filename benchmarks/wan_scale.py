@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from dmd.core.config import Params  # noqa: E402
 from dmd.core.flow_matching import add_noise, sigma_to_timestep, velocity_target  # noqa: E402
 from dmd.core.io import write_json  # noqa: E402
-from dmd.core.noise import initial_noise, randn  # noqa: E402
+from dmd.core.noise import randn  # noqa: E402
 from dmd.evaluation.metrics import (  # noqa: E402
     NFECounter,
     PeakMemory,
@@ -55,6 +55,8 @@ from dmd.evaluation.metrics import (  # noqa: E402
     speedup,
     synchronize,
 )
+from dmd.wan.device import pick_device  # noqa: E402
+from dmd.wan.latents import initial_noise  # noqa: E402
 from dmd.wan.skeleton import build_transformer, build_vae, config_folder, read_configs  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "wan_scale.json"
@@ -193,7 +195,9 @@ def sampling(scale: Scale, device: torch.device) -> dict:
     from diffusers import WanPipeline
 
     from dmd.distill.rollout import RolloutSchedule
-    from dmd.evaluation.evaluate import LatentDecoder, StudentSampler, TeacherSampler
+    from dmd.evaluation.evaluate import StudentSampler
+    from dmd.wan.decode import LatentDecoder
+    from dmd.wan.sampler import TeacherSampler
 
     configs = read_configs(config_folder("1.3b"))
     transformer = build_transformer(configs, SEED, scale.num_layers, device, torch.bfloat16)
@@ -334,7 +338,9 @@ def run_config(
     seconds of the timed ones."""
     from dmd.distill.method import DMDMethod
     from dmd.distill.roles import MIXED_PRECISION_DTYPES, make_roles
-    from dmd.training.loop import build_groups, step_generator
+    from dmd.distill.rollout import RolloutSchedule
+    from dmd.training.loop import step_generator
+    from dmd.training.optim import build_groups
     from dmd.wan.loading import place_int8
 
     device = acc.device
@@ -343,7 +349,7 @@ def run_config(
     critic_rank = None if config == "c_full_critic" else LORA_RANK
     params = dmd_params(frames, critic_rank)
     train = params.train
-    dtype = MIXED_PRECISION_DTYPES[train.mixed_precision]
+    dtype = MIXED_PRECISION_DTYPES[train.run.mixed_precision]
     try:
         base = build_transformer(model, SEED, scale.num_layers, device, dtype)
     except torch.cuda.OutOfMemoryError:
@@ -374,12 +380,12 @@ def run_config(
         modules = [m for m in (roles.base, roles.student_copy, roles.critic_copy) if m is not None]
         negative = text_embeds(scale, text_dim, device, 5)
         empty = torch.zeros_like(negative)
-        method = DMDMethod(params, roles, negative, empty)
+        method = DMDMethod(params, roles, RolloutSchedule.from_params(params), negative, empty)
         student, critic = build_groups(params, method, 1000, acc)
         trainable = method.student_parameters() + method.critic_parameters()
 
         def step(i: int) -> dict:
-            generator = step_generator(train.seed, i, 0)
+            generator = step_generator(train.run.seed, i, 0)
             updates = {
                 "student": student.update(partial(method.generator_loss, generator=generator), [batch])
             }
@@ -449,13 +455,13 @@ def finetune_step(base, params: Params, batch, acc):
 
     cfg = params.train
     device = acc.device
-    add_lora(base, cfg.lora_rank, cfg.lora_alpha, STUDENT_ADAPTER)
+    add_lora(base, cfg.student.lora_rank, cfg.student.lora_alpha, STUDENT_ADAPTER)
     lora = [p.requires_grad_(True) for n, p in base.named_parameters() if "lora_" in n]
     velocity = transformer_velocity(base)
-    optimizer = build_optimizer(lora, cfg.optimizer, cfg.learning_rate)
+    optimizer = build_optimizer(lora, cfg.optim.optimizer, cfg.optim.learning_rate)
     group = TrainableGroup(
-        "student", lora, optimizer, build_lr_scheduler(optimizer, cfg, 1000), cfg.grad_clip_method,
-        cfg.max_grad_norm, acc,
+        "student", lora, optimizer, build_lr_scheduler(optimizer, cfg, 1000), cfg.optim.grad_clip_method,
+        cfg.optim.max_grad_norm, acc,
     )  # fmt: skip
 
     def loss_fn(b, generator):
@@ -504,10 +510,10 @@ def settings() -> dict:
     t, dc = p.train, p.train.distillation_config
     return {
         "base_precision": "bf16 weights (diffusers' fp32 modules kept fp32); (b): int8-quanto, bf16 elsewhere",
-        "mixed_precision": t.mixed_precision,
-        "gradient_checkpointing": t.gradient_checkpointing,
-        "optimizer": t.optimizer,
-        "lora_rank": t.lora_rank,
+        "mixed_precision": t.run.mixed_precision,
+        "gradient_checkpointing": t.student.gradient_checkpointing,
+        "optimizer": t.optim.optimizer,
+        "lora_rank": t.student.lora_rank,
         "critic_lora_rank": LORA_RANK,
         "batch_size": 1,
         "dmd_denoising_steps": dc.dmd_denoising_steps,
@@ -668,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else pick_device()
     scale, why = choose_scale(args.smoke, device)
     if scale.smoke and holds_measurement(args.output):
         parser.error(

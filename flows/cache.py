@@ -1,56 +1,52 @@
-"""`dmd cache`: the `cache` flow. Plans the work, embeds captions, maps a task over chunks of clips, then
-writes the index, problems and effective settings. Chunks run one at a time: inside each, reader threads decode
-videos while the VAE encodes, which keeps the cores busy without two VAEs competing for them."""
+"""`dmd cache`: the `cache` flow. One task builds the cache (dmd.data.cache.build.build_cache: plan, embed captions,
+encode chunks, write the index and problems), then the flow writes the effective settings beside it."""
 
 from __future__ import annotations
 
 import sys
 
-from prefect import flow, get_run_logger, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from dmd.core.config import Params, load
-from dmd.data.cache import CacheSummary, NoUsableSamplesError, progress_line
+from dmd.data.cache.build import CacheSummary, NoUsableSamplesError, build_cache, write_effective_params
 from dmd.data.datasets import DatasetError, check_datasets
 from dmd.wan.loading import ModelNotFoundError
-from flows.subflow import run_stage_flow
-from tasks.cache import embed_captions_task, encode_chunk_task, finalize_cache_task, plan_cache_task
+
+from .retries import retry_options, retry_unless
+from .subflow import run_stage_flow
 
 
-@flow(name="cache", task_runner=ThreadPoolTaskRunner(max_workers=1))
+# The shards on disk are the cache (content-addressed, so a re-run finds what is done), so Prefect keeps none.
+@task(
+    name="build-cache",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_unless(NoUsableSamplesError, DatasetError, FileNotFoundError),
+    **retry_options("build-cache"),
+)
+def build_cache_task(params: Params) -> CacheSummary:
+    return build_cache(params)
+
+
+@flow(name="cache")
 def cache_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> CacheSummary:
-    logger = get_run_logger()
     params = load(params_file, overrides)
-    plan = plan_cache_task(params)
-    logger.info(
-        "%d sources: %d cached already, %d to encode, %d problems so far",
-        len(plan.sources) + len(plan.problems),
-        len(plan.sources) - len(plan.work),
-        len(plan.work),
-        len(plan.problems),
-    )
-    text_rows = embed_captions_task(params, plan)
-    chunks = plan.chunks(params.cache.chunk_size)
-    futures = encode_chunk_task.map(unmapped(params), unmapped(plan), chunks)
-    results = []
-    for future in futures:
-        results.append(future.result())
-        logger.info(progress_line(results, len(chunks)))
-    summary = finalize_cache_task(params, plan, results, text_rows)
-    logger.info(summary.line())
+    summary = build_cache_task(params)
+    write_effective_params(params)
+    get_run_logger().info(summary.line())
     return summary
 
 
 def check_inputs(params: Params) -> None:
     """What the cache reads, checked before Prefect starts: the model directory (ModelNotFoundError, or a
     ConfigError naming the setting) and every enabled dataset's manifest or folder (DatasetError naming its key)."""
-    from dmd.data.cache import default_device
+    from dmd.wan.device import pick_device
     from dmd.wan.loading import check_model_dir, model_source
 
     model = params.model
     model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
-    check_model_dir(model, default_device(), component="text_encoder")  # the VAE runs in float32 anywhere
+    check_model_dir(model, str(pick_device()), component="text_encoder")  # the VAE runs in float32 anywhere
     check_datasets(params.cache)
 
 

@@ -18,16 +18,20 @@ from dmd.core.config import ConfigError, load
 # send it ends in an error line. Set before Prefect or DVC is imported, which read them once.
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1"}
 
-# command -> "module:function"; modules are imported only when their command runs
+# The temporary Prefect server a flow command starts without PREFECT_API_URL migrates a fresh database on first
+# start, slower than Prefect's default startup timeout allows on a busy machine.
+EPHEMERAL_STARTUP_SECONDS = 180
+
+# command -> "module:function", a leading dot for this package's modules; imported only when their command runs
 HANDLERS = {
-    "toy-teacher": "flows.toy_teacher:main",
-    "generate": "flows.generate:main",
-    "backfill": "flows.generate:backfill_main",
-    "cache": "flows.cache:main",
-    "train": "flows.train:main",
-    "evaluate": "flows.evaluate:main",
-    "pipeline": "flows.pipeline:main",
-    "serve": "flows.pipeline:serve_main",
+    "toy-teacher": ".toy_teacher:main",
+    "generate": ".generate:main",
+    "backfill": ".generate:backfill_main",
+    "cache": ".cache:main",
+    "train": ".train:main",
+    "evaluate": ".evaluate:main",
+    "pipeline": ".pipeline:main",
+    "serve": ".pipeline:serve_main",
     "sample": "dmd.student.sample:main",
     "judge": "dmd.toy.judge:main",
     "wan-skeleton": "dmd.wan.skeleton:main",
@@ -208,16 +212,17 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides"):
             load(args.params, args.overrides)  # bad settings end here, before any flow or model is loaded
         module, func = HANDLERS[args.command].split(":")
-        handler = getattr(importlib.import_module(module), func)
+        handler = getattr(importlib.import_module(module, __package__), func)
         if args.command not in FLOW_COMMANDS:
             return handler(args) or 0
         from dmd.core.process import stop_children_with_this_process, stop_with_parent
-        from flows.logs import route_library_logs
+
+        from .logs import route_library_logs
 
         stop_with_parent()  # a killed `dvc repro` or pipeline run takes its stage with it, instead of an orphan
         stop_children_with_this_process()  # and a killed stage its temporary Prefect server, workers, launchers
         route_library_logs()
-        with _links_only_to_a_lasting_server():
+        with _temporary_server_settings():
             return handler(args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -225,15 +230,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _links_only_to_a_lasting_server():
-    """Without a configured Prefect server a flow runs on a temporary one that stops with the command, so the
-    "View at http://…" links Prefect prints would lead nowhere: leave them out."""
-    from prefect.settings import PREFECT_UI_URL, get_current_settings, temporary_settings
+def _temporary_server_settings():
+    """Without a configured Prefect server a flow runs on a temporary one that stops with the command: the
+    "View at http://…" links Prefect prints would lead nowhere, so leave them out, and give it time to start."""
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_UI_URL,
+        get_current_settings,
+        temporary_settings,
+    )
 
     if get_current_settings().api.url:
         yield
         return
-    with temporary_settings({PREFECT_UI_URL: ""}):
+    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
+    with temporary_settings({PREFECT_UI_URL: "", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
         yield
 
 

@@ -24,10 +24,13 @@ import logging
 import re
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -36,6 +39,7 @@ from dmd.core.io import remove_stale_temporaries, write_text
 from dmd.data.generate import (
     GenerationError,
     GenerationPlan,
+    generate_shard,
     missing_shards,
     parse_shard_range,
     prepare,
@@ -44,12 +48,25 @@ from dmd.data.generate import (
 )
 from dmd.data.prompts import PromptLibraryError
 from dmd.wan.loading import ModelNotFoundError
-from flows.subflow import run_stage_flow
-from tasks.generate import GPU_LIMIT, generate_shard_task
+
+from .subflow import run_stage_flow
 
 FLOW_NAME = "generate-teacher-data"
 BACKFILL = "backfill"
 INPUT_ERRORS = (GenerationError, PromptLibraryError, ModelNotFoundError)
+GPU_LIMIT = "gpu"
+
+
+# The shard on disk is the cache (a complete shard is skipped, a stale one regenerated), so Prefect keeps none.
+# Its retries are the settings generate.retries and generate.retry_delay_seconds (flows.retries), given by the flow.
+# When the Prefect server has a global concurrency limit named GPU_LIMIT (`prefect gcl create gpu --limit 1`, one
+# slot per accelerator), every shard holds one slot while it runs; the flow looks the limit up once and passes its
+# name, because acquiring a limit that does not exist costs a round trip and a warning per shard.
+@task(name="generate-shard", task_run_name="generate-shard-{shard}", cache_policy=NO_CACHE)
+def generate_shard_task(plan: GenerationPlan, shard: int, concurrency_limit: str | None = None) -> dict:
+    """Generate `shard` (or find it complete); returns the ShardResult as a dict."""
+    with concurrency(concurrency_limit or [], occupy=1, strict=False):
+        return asdict(generate_shard(plan, shard))
 
 
 @flow(name=FLOW_NAME)

@@ -3,7 +3,7 @@
 One Prefect task per stage runs `dvc repro --single-item <stage>` in the workspace, in the order `dvc repro`
 itself would use, and streams the stage's output into the run's logs line by line. So `dvc repro`,
 `dmd pipeline` and the `dmd-pipeline/default` deployment all leave the same dvc.lock. Each stage command's own flow
-run is recorded as a subflow of its stage task (flows.subflow), so the pipeline run holds the whole DAG's runs.
+run is recorded as a subflow of its stage task (flows/subflow.py), so the pipeline run holds the whole DAG's runs.
 
 Overrides (`--set section.key=value`, or the deployment's `overrides` parameter) are read as every `dmd --set`
 reads them and written into params.yaml with DVC's own YAML writer, as `dvc exp run -S` writes them, before any
@@ -36,16 +36,12 @@ from pydantic import SecretStr
 from dmd.core.config import ConfigError, load, set_overrides
 from dmd.core.io import process_running
 
+from .retries import retry_options
+
 PARAMS_FILE = "params.yaml"  # the file dvc.yaml's `params:` entries are read from
-# Retries per stage, where a rerun can succeed and resumes rather than restarts: generation keeps finished
-# shards (persist: true), training resumes from its checkpoints; cache and evaluate are cheap to redo.
-# The toy teacher is deterministic and long: a failure there is a bug, not a hiccup.
-STAGE_RETRIES = {"toy_teacher": 0, "generate": 2, "cache": 1, "train": 1, "evaluate": 1}
-RETRY_DELAY_SECONDS = 5
 LOCK_MESSAGES = ("Unable to acquire lock", "is busy, it is being blocked by")
 CONFIG_EXIT_CODE = 2  # what `dmd` returns for bad settings; retrying cannot fix those
 TAIL_LINES = 40
-EPHEMERAL_STARTUP_SECONDS = 120
 
 
 class WorkspaceBusyError(RuntimeError):
@@ -198,19 +194,19 @@ def _child_env(parent_task_run_id: str) -> dict[str, str]:
     """The stage commands' environment: our interpreter's scripts first on PATH (dvc.yaml calls `dmd`), the
     Prefect API this run talks to, so the stage flows report to the same server instead of each starting a
     temporary one, and the stage task's run, so each stage's flow run is recorded as its subflow
-    (flows.subflow)."""
+    (flows/subflow.py)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
-    from flows.logs import UNSTAMPED_CONSOLE_FORMATS
-    from flows.subflow import PARENT_TASK_RUN_ENV
+    from .logs import UNSTAMPED_CONSOLE_FORMATS
+    from .subflow import PARENT_TASK_RUN_ENV
 
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     with get_client(sync_client=True) as client:
         env["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
-    if get_current_settings().ui_url == "":  # a temporary server: no links to it (flows.cli)
+    if get_current_settings().ui_url == "":  # a temporary server: no links to it (flows/cli.py)
         env["PREFECT_UI_URL"] = ""
     env.update(UNSTAMPED_CONSOLE_FORMATS)  # the task's log stamps each copied line
     env[PARENT_TASK_RUN_ENV] = parent_task_run_id
@@ -424,9 +420,7 @@ def dmd_pipeline(
         logger.info("stages in order: %s", " -> ".join(stages))
         for stage in stages:
             name = stage.rsplit(":", 1)[-1]
-            run = reproduce_stage.with_options(
-                retries=STAGE_RETRIES.get(name, 0), retry_delay_seconds=RETRY_DELAY_SECONDS
-            )
+            run = reproduce_stage.with_options(**retry_options(f"dvc-stage/{name}"))
             results[stage] = run(stage, str(workspace))
     logger.info("done: %s", ", ".join(f"{s} {r}" for s, r in results.items()))
     _NOTIFY_URLS.pop(str(flow_run.id), None)
@@ -439,16 +433,8 @@ def dmd_pipeline(
 
 def main(args) -> int:
     """`dmd pipeline`: the flow in this process (a temporary Prefect server unless PREFECT_API_URL is set)."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
-    # the temporary server migrates a fresh database on first start, slower than Prefect's default allows
-    # on a busy machine
-    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
-        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
-            results = dmd_pipeline(
-                params_file=args.params, overrides=args.overrides or None, target=args.target
-            )
+        results = dmd_pipeline(params_file=args.params, overrides=args.overrides or None, target=args.target)
     except (WorkspaceBusyError, StageFailedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -467,7 +453,7 @@ def serve_main(args) -> int:
     from prefect import serve
     from prefect.settings import get_current_settings
 
-    from flows.generate import backfill_deployment
+    from .generate import backfill_deployment
 
     if not get_current_settings().api.url:
         print(

@@ -1,5 +1,5 @@
 """The `toy-teacher` flow (`dmd toy-teacher`, DVC stage `toy_teacher`): train the toy world's tiny Wan teacher
-and write it, with its effective settings, to toy_teacher.output_dir."""
+(dmd.toy.teacher.train_teacher) and write it, with its effective settings, to toy_teacher.output_dir."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ import logging
 import sys
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from dmd.core.config import dump, load
+from dmd.core.config import Params, dump, load
 from dmd.core.io import write_text
 from dmd.toy.teacher import train_teacher
-from flows.subflow import run_stage_flow
 
-EPHEMERAL_STARTUP_SECONDS = 180
+from .subflow import run_stage_flow
+
+
+# The teacher directory is the output DVC tracks, so Prefect keeps none.
+@task(name="train-toy-teacher", cache_policy=NO_CACHE)
+def train_toy_teacher(params: Params, device: str) -> Path:
+    return Path(train_teacher(params, device=device))
 
 
 @flow(name="toy-teacher")
@@ -22,23 +28,17 @@ def toy_teacher(
     params_file: str = "params.yaml", overrides: list[str] | None = None, device: str = "cpu"
 ) -> str:
     params = load(params_file, overrides)
-    output = train_teacher(params, device=device)
-    write_text(Path(output) / "params.effective.yaml", dump(params))
+    output = train_toy_teacher(params, device)
+    write_text(output / "params.effective.yaml", dump(params))
     return str(output)
 
 
 def main(args) -> int:
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # the temporary Prefect server migrates a fresh database on first start, slower than Prefect's default
-    # allows on a busy machine
-    startup = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_SECONDS)
     try:
-        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: startup}):
-            output = run_stage_flow(
-                toy_teacher, params_file=args.params, overrides=args.overrides, device=args.device
-            )
+        output = run_stage_flow(
+            toy_teacher, params_file=args.params, overrides=args.overrides, device=args.device
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

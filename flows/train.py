@@ -3,17 +3,48 @@ through dmd.training.launch when above 1), then the flow writes params.effective
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from dmd.core.config import ConfigError, dump_stage, load
 from dmd.core.io import write_text
 from dmd.training.checkpoint import CheckpointError
 from dmd.training.loop import NonFiniteError
-from flows.subflow import run_stage_flow
-from tasks.train import train_student
+
+from .subflow import run_stage_flow
+
+
+def launch_command(params_file: str, overrides: list[str], num_processes: int) -> list[str]:
+    """`python -m dmd.training.loop` on `num_processes` processes of this machine, through torchrun with every socket on
+    loopback (dmd/training/launch.py)."""
+    return [sys.executable, "-m", "dmd.training.launch", str(num_processes), params_file, *overrides]
+
+
+# A failed run keeps its checkpoints, and rerunning the stage resumes from the latest one.
+@task(name="train-student", cache_policy=NO_CACHE)
+def train_student(params_file: str, overrides: list[str], progress: bool = True) -> Path:
+    """Train and export the student, in this process or as workers started by dmd.training.launch; returns its
+    directory."""
+    params = load(params_file, overrides)
+    if params.train.run.num_processes == 1:
+        from dmd.training.loop import train
+
+        return train(params, progress=progress)
+    # each worker reads its settings (mixed precision included) from the params file
+    command = launch_command(params_file, overrides, params.train.run.num_processes)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    result = subprocess.run(command, env=env)
+    if result.returncode:
+        raise RuntimeError(
+            f"training workers exited with code {result.returncode} (command: {' '.join(command)}); the log above "
+            "says why; checkpoints are kept and a rerun resumes from the latest"
+        )
+    return Path(params.train.run.output_dir)
 
 
 @flow(name="train")
@@ -24,9 +55,9 @@ def train_flow(
     logger = get_run_logger()
     logger.info(
         "training %s steps on %d process(es); checkpoints in %s",
-        params.train.max_train_steps or f"{params.train.num_train_epochs} epochs of",
-        params.train.num_processes,
-        params.train.checkpoint_dir,
+        params.train.run.max_train_steps or f"{params.train.run.num_train_epochs} epochs of",
+        params.train.run.num_processes,
+        params.train.checkpoint.checkpoint_dir,
     )
     student_dir = train_student(params_file, list(overrides or []), progress)
     write_text(Path(student_dir) / "params.effective.yaml", dump_stage(params, "train"))
@@ -37,7 +68,7 @@ def train_flow(
 def check_inputs(params) -> None:
     """What training reads, checked before Prefect starts: the teacher directory (a ConfigError names the
     setting) and the cache (FileNotFoundError says how to build it)."""
-    from dmd.data.cache import open_cache
+    from dmd.data.cache.loader import open_cache
     from dmd.wan.loading import check_model_dir
 
     check_model_dir(params.model)

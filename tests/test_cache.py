@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from dmd.core.config import Params
 from dmd.core.video import read_video, write_video
-from dmd.data import cache as cache_lib
+from dmd.data.cache.build import NoUsableSamplesError, build_cache
+from dmd.data.cache.loader import CacheLoader, open_cache
 from dmd.data.synthetic import synthetic_clip
 
 LATENTS_MEAN = [0.3, -0.2, 0.1, 0.5]
@@ -104,7 +105,7 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
             {"id": "teacher", "manifest": str(tmp_path / "teacher")},
         ],
     )
-    summary = cache_lib.build_cache(params, "cpu")
+    summary = build_cache(params, "cpu")
 
     assert problems_by_path(out) == {
         "truncated.mp4": "corrupt",
@@ -128,7 +129,7 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
         "missing_caption": 1,
         "empty_caption": 1,
     }
-    cache = cache_lib.open_cache(out)
+    cache = open_cache(out)
     index = cache.index.set_index(cache.index["source"].map(lambda s: Path(s).name))
     assert sorted(index.index) == ["good_long.mp4", "good_square.mp4", "good_wide.mp4", "m0.mp4"]
     # 32×64 at pixel area 32²: aspect 2.0, W = sqrt(1024·2) = 45.3 → 48, H = 45.3 / 2 = 22.6 → 24 (multiples of
@@ -140,7 +141,7 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
     # nothing was deleted: delete_problematic_images is false
     assert (videos / "text.mp4").exists() and (videos / "zero.mp4").exists()
 
-    loader = cache_lib.CacheLoader(cache, batch_size=2, seed=0, drop_last=False)
+    loader = CacheLoader(cache, batch_size=2, seed=0, drop_last=False)
     for batch, _ in zip(loader, range(loader.batches_per_epoch)):
         buckets = {cache.index.set_index("key").loc[k, "bucket"] for k in batch.keys}
         assert len(buckets) == 1
@@ -158,7 +159,7 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
     # with delete_problematic_images the files that are no video go; valid videos left out for their caption,
     # size or length stay, as do folders and what cannot be read
     params.cache.delete_problematic_images = True
-    cache_lib.build_cache(params, "cpu")
+    build_cache(params, "cpu")
     for name in ("truncated", "zero", "text"):
         assert not (videos / f"{name}.mp4").exists(), name
     for name in ("short", "small", "no_caption", "blank_caption"):
@@ -175,7 +176,7 @@ def test_bad_files_are_listed_and_good_ones_cached(wan_dir, tmp_path):
 
 _BUILD_IN_CHILD = """
 import sys
-from dmd.data.cache import build_cache
+from dmd.data.cache.build import build_cache
 from dmd.core.config import load
 build_cache(load(sys.argv[1]), "cpu")
 """
@@ -211,7 +212,7 @@ def test_a_clip_in_a_folder_that_cannot_be_listed_is_a_problem(wan_dir, tmp_path
     assert problems_by_path(out) == {"locked": "unreadable"}
     reason = pd.read_parquet(out / "problems.parquet")["reason"][0]
     assert "cannot be listed" in reason
-    assert cache_lib.open_cache(out).index["source"].map(lambda s: Path(s).name).tolist() == ["good.mp4"]
+    assert open_cache(out).index["source"].map(lambda s: Path(s).name).tolist() == ["good.mp4"]
 
 
 def test_no_usable_sample_fails_and_says_why(wan_dir, tmp_path):
@@ -221,10 +222,8 @@ def test_no_usable_sample_fails_and_says_why(wan_dir, tmp_path):
     (videos / "a.txt").write_text("x")
     add_clip(videos, "b", None)
     params = make_params(wan_dir, tmp_path / "cache", [{"id": "only", "instance_data_dir": str(videos)}])
-    with pytest.raises(
-        cache_lib.NoUsableSamplesError, match=r"no usable sample.*empty_file.*missing_caption"
-    ):
-        cache_lib.build_cache(params, "cpu")
+    with pytest.raises(NoUsableSamplesError, match=r"no usable sample.*empty_file.*missing_caption"):
+        build_cache(params, "cpu")
     assert problems_by_path(tmp_path / "cache") == {"a.mp4": "empty_file", "b.mp4": "missing_caption"}
     assert not (tmp_path / "cache/index.parquet").exists()
 
@@ -240,8 +239,8 @@ def test_latents_are_normalised_and_decode_like_the_vae_itself(wan_dir, tmp_path
     videos.mkdir()
     path = add_clip(videos, "clip", "a red ball moving left", seed=11)
     out = tmp_path / "cache"
-    cache_lib.build_cache(make_params(wan_dir, out, [{"id": "d", "instance_data_dir": str(videos)}]), "cpu")
-    cache = cache_lib.open_cache(out)
+    build_cache(make_params(wan_dir, out, [{"id": "d", "instance_data_dir": str(videos)}]), "cpu")
+    cache = open_cache(out)
     latents = cache.load(cache.index["key"][0])["latents"]
 
     vae = AutoencoderKLWan.from_pretrained(wan_dir, subfolder="vae").eval()
@@ -276,8 +275,8 @@ def test_embeddings_equal_wan_pipeline(wan_dir, tmp_path, precision):
         model={"text_encoder_1_precision": precision},
         compress_disk_cache=True,
     )
-    cache_lib.build_cache(params, "cpu")
-    cache = cache_lib.open_cache(out)
+    build_cache(params, "cpu")
+    cache = open_cache(out)
 
     pipe = WanPipeline.from_pretrained(wan_dir)
     if precision == "int8-quanto":
@@ -293,7 +292,7 @@ def test_embeddings_equal_wan_pipeline(wan_dir, tmp_path, precision):
         key = cache.index.set_index("caption").loc[caption, "key"]
         torch.testing.assert_close(cache.load(key)["prompt_embeds"], reference(caption)[0], atol=0, rtol=0)
     torch.testing.assert_close(
-        cache.negative_prompt_embeds, reference(params.negative_prompt), atol=0, rtol=0
+        cache.negative_prompt_embeds, reference(params.model.negative_prompt), atol=0, rtol=0
     )
     torch.testing.assert_close(cache.empty_prompt_embeds, reference(""), atol=0, rtol=0)
 
@@ -309,19 +308,19 @@ def test_rerun_encodes_only_what_changed(wan_dir, tmp_path):
         add_clip(videos, f"c{i}", f"a red ball moving left {'slowly' if i % 2 else 'quickly'}", seed=i)
     out = tmp_path / "cache"
     params = make_params(wan_dir, out, [{"id": "d", "instance_data_dir": str(videos)}])
-    first = cache_lib.build_cache(params, "cpu")
+    first = build_cache(params, "cpu")
     assert (first.encoded, first.reused, first.captions_embedded) == (4, 0, 2)
-    before_index, before_shards = cache_lib.open_cache(out).index, shard_files(out)
+    before_index, before_shards = open_cache(out).index, shard_files(out)
 
-    second = cache_lib.build_cache(params, "cpu")
+    second = build_cache(params, "cpu")
     assert (second.encoded, second.reused, second.captions_embedded) == (0, 4, 0)
     assert shard_files(out) == before_shards
-    pd.testing.assert_frame_equal(cache_lib.open_cache(out).index, before_index)
+    pd.testing.assert_frame_equal(open_cache(out).index, before_index)
 
     add_clip(videos, "c2", "a red ball moving left quickly", seed=99)  # new content, same name and caption
-    third = cache_lib.build_cache(params, "cpu")
+    third = build_cache(params, "cpu")
     assert (third.encoded, third.reused, third.captions_embedded) == (1, 3, 0)
-    after = cache_lib.open_cache(out)
+    after = open_cache(out)
     changed = after.index["source"].str.endswith("c2.mp4")
     assert set(after.index["key"][~changed]) == set(
         before_index["key"][~before_index["source"].str.endswith("c2.mp4")]
@@ -331,21 +330,19 @@ def test_rerun_encodes_only_what_changed(wan_dir, tmp_path):
 
     # the re-encoded clip equals a cache built from scratch
     fresh_out = tmp_path / "fresh"
-    cache_lib.build_cache(
-        make_params(wan_dir, fresh_out, [{"id": "d", "instance_data_dir": str(videos)}]), "cpu"
-    )
-    fresh = cache_lib.open_cache(fresh_out)
+    build_cache(make_params(wan_dir, fresh_out, [{"id": "d", "instance_data_dir": str(videos)}]), "cpu")
+    fresh = open_cache(fresh_out)
     key = after.index["key"][changed].item()
     torch.testing.assert_close(after.load(key)["latents"], fresh.load(key)["latents"], atol=0, rtol=0)
 
     (videos / "c3.txt").write_text("a blue box moving right")  # a caption change embeds, encodes no video
-    fourth = cache_lib.build_cache(params, "cpu")
+    fourth = build_cache(params, "cpu")
     assert (fourth.encoded, fourth.captions_embedded) == (0, 1)
 
     params.cache.datasets[0].num_frames = 17  # a preprocessing change re-encodes everything
-    fifth = cache_lib.build_cache(params, "cpu")
+    fifth = build_cache(params, "cpu")
     assert fifth.encoded == 4
-    assert set(cache_lib.open_cache(out).index["bucket"]) == {"17x32x32"}
+    assert set(open_cache(out).index["bucket"]) == {"17x32x32"}
 
 
 def write_teacher_shard(root: Path, shard: int, rows: list[dict], latent_shape, seed: int) -> pd.DataFrame:
@@ -402,9 +399,9 @@ def test_teacher_latents_are_taken_when_exact(wan_dir, tmp_path):
 
     out = tmp_path / "cache"
     params = make_params(wan_dir, out, [{"id": "teacher", "manifest": str(data)}])
-    summary = cache_lib.build_cache(params, "cpu")
+    summary = build_cache(params, "cpu")
     assert (summary.encoded, summary.from_teacher) == (6, 5)
-    cache = cache_lib.open_cache(out)
+    cache = open_cache(out)
     index = cache.index.set_index(cache.index["source"].map(lambda s: Path(s).name))
     for name in index.index:
         item = cache.load(index.loc[name, "key"])
@@ -420,11 +417,11 @@ def test_teacher_latents_are_taken_when_exact(wan_dir, tmp_path):
         torch.testing.assert_close(
             item["noise"], load_file(folder / f"{name[:-4]}.noise.safetensors")["noise"]
         )
-    loader = cache_lib.CacheLoader(cache, batch_size=2, seed=0)
+    loader = CacheLoader(cache, batch_size=2, seed=0)
     assert any(batch.noise_BCTHW is not None for batch, _ in zip(loader, range(loader.batches_per_epoch)))
 
     params.cache.use_teacher_latents = False
-    assert cache_lib.build_cache(params, "cpu").from_teacher == 0
+    assert build_cache(params, "cpu").from_teacher == 0
 
 
 def test_compressed_shards_hold_the_same_tensors(wan_dir, tmp_path):
@@ -434,9 +431,9 @@ def test_compressed_shards_hold_the_same_tensors(wan_dir, tmp_path):
         add_clip(videos, f"c{i}", f"a red ball moving left {i}", seed=i)
     plain, packed = tmp_path / "plain", tmp_path / "packed"
     dataset = [{"id": "d", "instance_data_dir": str(videos)}]
-    cache_lib.build_cache(make_params(wan_dir, plain, dataset), "cpu")
-    cache_lib.build_cache(make_params(wan_dir, packed, dataset, compress_disk_cache=True), "cpu")
-    a, b = cache_lib.open_cache(plain), cache_lib.open_cache(packed)
+    build_cache(make_params(wan_dir, plain, dataset), "cpu")
+    build_cache(make_params(wan_dir, packed, dataset, compress_disk_cache=True), "cpu")
+    a, b = open_cache(plain), open_cache(packed)
     assert list(a.index["key"]) == list(b.index["key"])
     for key in a.index["key"]:
         for name, tensor in a.load(key).items():
@@ -459,9 +456,9 @@ def test_dataset_cache_dir_and_repeats(wan_dir, tmp_path):
         out,
         [{"id": "d", "instance_data_dir": str(videos), "cache_dir": str(elsewhere), "repeats": 2}],
     )
-    cache_lib.build_cache(params, "cpu")
+    build_cache(params, "cpu")
     assert list(elsewhere.glob("shard-*.safetensors")) and not (out / "latents").exists()
-    cache = cache_lib.open_cache(out)
+    cache = open_cache(out)
     assert cache.index["repeats"].tolist() == [2]
     assert cache.load(cache.index["key"][0])["latents"].shape == (4, 6, 8, 8)
 
@@ -483,7 +480,7 @@ def test_cache_flow_runs_from_the_cli_entry_point(
     args = argparse.Namespace(params=str(tiny_params_file), overrides=["cache.chunk_size=3"])
     assert main(args) == 0
     out = Path(tiny_params.cache.output_dir)
-    cache = cache_lib.open_cache(out)
+    cache = open_cache(out)
     assert len(cache.index) == 4 and set(cache.index["latents_from"]) == {"teacher"}
     assert "chunk_size: 3" in (out / "params.effective.yaml").read_text()
     written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -515,7 +512,7 @@ def test_a_rerun_removes_what_a_killed_run_was_writing_and_nothing_else(wan_dir,
     add_clip(videos, "clip", "a red ball moving left", seed=1)
     out = tmp_path / "cache"
     params = make_params(wan_dir, out, [{"id": "folder", "instance_data_dir": str(videos)}])
-    cache_lib.build_cache(params, "cpu")
+    build_cache(params, "cpu")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     for target in (out / "index.parquet", out / "latents" / "folder" / "shard-x.safetensors"):
         subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(target)], check=False)
@@ -523,6 +520,6 @@ def test_a_rerun_removes_what_a_killed_run_was_writing_and_nothing_else(wan_dir,
     assert len(leftovers) == 2
     with atomic_path(out / "text" / "in-progress.bin") as writing:  # a running writer's (this process's)
         writing.write_bytes(b"still being written")
-        cache_lib.build_cache(params, "cpu")
+        build_cache(params, "cpu")
         assert writing.exists()
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != "in-progress.bin") == before

@@ -13,7 +13,8 @@ import torch
 
 from dmd.core.config import Params
 from dmd.core.video import write_video
-from dmd.data import cache as cache_lib
+from dmd.data.cache.build import build_cache
+from dmd.data.cache.loader import CacheLoader, open_cache
 
 MAX_LEN = 16
 
@@ -55,7 +56,7 @@ def cache_dirs(tiny_wan_dir, tmp_path_factory) -> dict[str, Path]:
                 },
             }
         )
-        cache_lib.build_cache(params, "cpu")
+        build_cache(params, "cpu")
         return out
 
     main = [
@@ -75,9 +76,9 @@ def keys_of(loader, n: int) -> list[list[str]]:
 
 
 def test_batches_have_one_shape_and_cover_each_epoch(cache_dirs):
-    cache = cache_lib.open_cache(cache_dirs["main"])
+    cache = open_cache(cache_dirs["main"])
     index = cache.index.set_index("key")
-    loader = cache_lib.CacheLoader(cache, batch_size=2, seed=3, drop_last=False)
+    loader = CacheLoader(cache, batch_size=2, seed=3, drop_last=False)
     # square: 5 copies → batches of 2, 2, 1; wide: 3 clips × 2 copies = 6 → 2, 2, 2
     assert loader.batches_per_epoch == 6
     seen = Counter()
@@ -96,36 +97,36 @@ def test_batches_have_one_shape_and_cover_each_epoch(cache_dirs):
 
 
 def test_drop_last_drops_partial_batches(cache_dirs):
-    loader = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["main"]), batch_size=2, seed=3)
+    loader = CacheLoader(open_cache(cache_dirs["main"]), batch_size=2, seed=3)
     assert loader.batches_per_epoch == 5
     assert all(len(k) == 2 for k in keys_of(loader, 15))
 
 
 def test_repeats_argument_overrides_the_datasets(cache_dirs):
-    cache = cache_lib.open_cache(cache_dirs["main"])
-    loader = cache_lib.CacheLoader(cache, batch_size=1, seed=0, repeats=2)
+    cache = open_cache(cache_dirs["main"])
+    loader = CacheLoader(cache, batch_size=1, seed=0, repeats=2)
     counts = Counter(k for keys in keys_of(loader, loader.batches_per_epoch) for k in keys)
     assert set(counts.values()) == {3} and len(counts) == 8
 
 
 def test_order_is_fixed_by_seed_and_epoch(cache_dirs):
-    cache = cache_lib.open_cache(cache_dirs["main"])
-    a = keys_of(cache_lib.CacheLoader(cache, batch_size=2, seed=7), 15)
-    b = keys_of(cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["main"]), batch_size=2, seed=7), 15)
-    c = keys_of(cache_lib.CacheLoader(cache, batch_size=2, seed=8), 15)
+    cache = open_cache(cache_dirs["main"])
+    a = keys_of(CacheLoader(cache, batch_size=2, seed=7), 15)
+    b = keys_of(CacheLoader(open_cache(cache_dirs["main"]), batch_size=2, seed=7), 15)
+    c = keys_of(CacheLoader(cache, batch_size=2, seed=8), 15)
     assert a == b
     assert a != c
     assert a[:5] != a[5:10]  # epochs are shuffled differently
 
 
 def test_state_dict_resumes_exactly(cache_dirs):
-    cache = cache_lib.open_cache(cache_dirs["main"])
-    reference = list(islice(cache_lib.CacheLoader(cache, batch_size=2, seed=5), 13))
+    cache = open_cache(cache_dirs["main"])
+    reference = list(islice(CacheLoader(cache, batch_size=2, seed=5), 13))
     for stop in (0, 3, 5, 7):  # 5 is an epoch boundary
-        first = cache_lib.CacheLoader(cache, batch_size=2, seed=5)
+        first = CacheLoader(cache, batch_size=2, seed=5)
         done = list(islice(first, stop))
         state = first.state_dict()
-        resumed = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["main"]), batch_size=2, seed=5)
+        resumed = CacheLoader(open_cache(cache_dirs["main"]), batch_size=2, seed=5)
         resumed.load_state_dict(state)
         rest = list(islice(resumed, 13 - stop))
         for got, want in zip(done + rest, reference):
@@ -133,32 +134,32 @@ def test_state_dict_resumes_exactly(cache_dirs):
             torch.testing.assert_close(got.latents_BCTHW, want.latents_BCTHW, atol=0, rtol=0)
             torch.testing.assert_close(got.prompt_embeds_BLD, want.prompt_embeds_BLD, atol=0, rtol=0)
     with pytest.raises(ValueError, match="same seed"):
-        cache_lib.CacheLoader(cache, batch_size=2, seed=6).load_state_dict(state)
+        CacheLoader(cache, batch_size=2, seed=6).load_state_dict(state)
     with pytest.raises(ValueError, match="changed since"):
-        other = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["odd_kept"]), batch_size=2, seed=5)
+        other = CacheLoader(open_cache(cache_dirs["odd_kept"]), batch_size=2, seed=5)
         other.load_state_dict(state)
 
 
 def test_ranks_split_the_same_order(cache_dirs):
-    cache = cache_lib.open_cache(cache_dirs["main"])
-    single = keys_of(cache_lib.CacheLoader(cache, batch_size=1, seed=2), 11)
-    rank0 = keys_of(cache_lib.CacheLoader(cache, batch_size=1, seed=2, rank=0, world_size=2), 5)
-    rank1 = keys_of(cache_lib.CacheLoader(cache, batch_size=1, seed=2, rank=1, world_size=2), 5)
+    cache = open_cache(cache_dirs["main"])
+    single = keys_of(CacheLoader(cache, batch_size=1, seed=2), 11)
+    rank0 = keys_of(CacheLoader(cache, batch_size=1, seed=2, rank=0, world_size=2), 5)
+    rank1 = keys_of(CacheLoader(cache, batch_size=1, seed=2, rank=1, world_size=2), 5)
     assert rank0 == single[0:10:2] and rank1 == single[1:10:2]
 
 
 def test_small_buckets_pruned_or_kept(cache_dirs, caplog):
     lonely = "a white dot alone"
-    with caplog.at_level(logging.WARNING, logger="dmd.data.cache"):
-        pruned = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["odd_pruned"]), batch_size=2, seed=0)
+    with caplog.at_level(logging.WARNING, logger="dmd.data.cache.loader"):
+        pruned = CacheLoader(open_cache(cache_dirs["odd_pruned"]), batch_size=2, seed=0)
     assert "dropped 1 bucket(s)" in caplog.text and "9x24x48 (1)" in caplog.text
     assert pruned.batches_per_epoch == 2
     assert all(lonely not in b.captions for b in islice(pruned, 6))
 
-    kept = cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["odd_kept"]), batch_size=2, seed=0)
+    kept = CacheLoader(open_cache(cache_dirs["odd_kept"]), batch_size=2, seed=0)
     assert kept.batches_per_epoch == 3
     batches = list(islice(kept, 3))
     assert [b.captions for b in batches if lonely in b.captions] == [[lonely, lonely]]
 
     with pytest.raises(ValueError, match="no batch of 8"):
-        cache_lib.CacheLoader(cache_lib.open_cache(cache_dirs["odd_pruned"]), batch_size=8, seed=0)
+        CacheLoader(open_cache(cache_dirs["odd_pruned"]), batch_size=8, seed=0)

@@ -22,7 +22,7 @@ from dmd.training.ema import EMA
 
 
 def _save(manager: CheckpointManager, step: int) -> None:
-    manager.save(step, {"student": {"00000": torch.full((3,), float(step))}}, {"step": step})
+    manager.write(step, {"student": {"00000": torch.full((3,), float(step))}}, {"step": step})
 
 
 def test_nested_state_round_trips_exactly():
@@ -137,3 +137,46 @@ def test_ema_decay_warms_up_to_its_setting():
 
     assert [ema_decay_at(n, 0.99) for n in (1, 2, 3)] == pytest.approx([0.0, 2 / 11, 3 / 12])
     assert ema_decay_at(10_000, 0.99) == 0.99
+
+
+def test_registered_parts_are_saved_and_loaded_once_each(tmp_path):
+    """Every part registered once; `save` writes all of them, `load_into` restores all of them, weights in their
+    own safetensors file."""
+    from dmd.training.checkpoint import GlobalRNG
+    from dmd.training.optim import TrainableGroup
+
+    def group():
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = torch.optim.AdamW([p], lr=0.1)
+        return TrainableGroup(
+            "student", [p], opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s), "norm", 0
+        )
+
+    def manager(student, ema):
+        m = CheckpointManager(tmp_path, total_limit=2)
+        m.register(student=student, ema=ema, nothing=None, rng=GlobalRNG())
+        return m
+
+    student = group()
+    ema = EMA(student.params, decay=0.9)
+    student.update(lambda batch: (((student.params[0] - 1) ** 2).sum(), {}), [None])
+    ema.step()
+    path = manager(student, ema).save(1)
+    draws = torch.rand(2)
+    assert {"student.safetensors", "ema.safetensors", "state.json"} <= {p.name for p in path.iterdir()}
+
+    again = group()
+    again_ema = EMA(again.params, decay=0.9)
+    manager(again, again_ema).load_into(path)
+    assert torch.equal(again.params[0], student.params[0]) and again.lr == student.lr
+    assert again.optimizer.state_dict()["state"][0]["exp_avg"].equal(
+        student.optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    assert torch.equal(again_ema.shadow[0], ema.shadow[0]) and again_ema.num_calls == 1
+    assert torch.equal(torch.rand(2), draws)  # the global generators are back where the checkpoint left them
+
+    with torch.no_grad():
+        student.params[0].fill_(float("nan"))
+    assert manager(student, ema).save(2) is None and [
+        p.name for p in CheckpointManager(tmp_path, 2).checkpoints()
+    ] == ["checkpoint-0000001"]

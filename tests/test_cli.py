@@ -64,7 +64,7 @@ def test_a_missing_cache_ends_in_one_line_before_prefect(workspace):
     ],
 )
 def test_one_set_grammar(override, value):
-    assert load(REPO / "params.yaml", [override]).train.validation_prompt == value
+    assert load(REPO / "params.yaml", [override]).train.validation.validation_prompt == value
     assert apply_overrides(read_raw(REPO / "params.yaml"), [override])["train"]["validation_prompt"] == value
 
 

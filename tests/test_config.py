@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dmd.core.config import ConfigError, Params, load, validate
-from dmd.core.simpletuner import CACHE_KEYS, MODEL_KEYS, import_simpletuner
+from dmd.core.simpletuner import CACHE_KEYS, MODEL_KEYS, RENAMED_KEYS, import_simpletuner
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +26,14 @@ def dmd(*args, cwd=None):
 
 
 def _lookup(params: Params, key: str):
-    section = "model" if key in MODEL_KEYS else "cache" if key in CACHE_KEYS else "train"
-    return getattr(getattr(params, section), key)
+    if key in RENAMED_KEYS:
+        section, name = RENAMED_KEYS[key]
+        return getattr(getattr(params, section), name)
+    if key in MODEL_KEYS:
+        return getattr(params.model, key)
+    if key in CACHE_KEYS:
+        return getattr(params.cache, key)
+    return params.train.model_dump()[key]  # train's keys are flat only in its dump
 
 
 def test_every_seed_key_is_imported_and_typed():
@@ -55,6 +61,15 @@ def test_every_seed_key_is_imported_and_typed():
     for entry, dataset in zip(backend, params.cache.datasets):
         for k, v in entry.items():
             assert getattr(dataset, k) == v, k
+
+
+def test_the_seeds_validation_negative_prompt_is_the_models_negative_prompt():
+    """The seed names it after validation, but it is the unconditional side of the real score's CFG too."""
+    config = json.loads((SEED / "config.json").read_text())
+    raw, _ = import_simpletuner(config)
+    assert raw["model"]["negative_prompt"] == config["validation_negative_prompt"]
+    assert "validation_negative_prompt" not in raw["train"]
+    assert validate(raw).model.negative_prompt == config["validation_negative_prompt"]
 
 
 def test_seed_import_says_where_it_follows_the_references():
@@ -126,7 +141,7 @@ def test_overrides_are_typed():
     params = load(
         REPO / "params.yaml", ["train.max_train_steps=7", "train.distillation_config.last_step_only=true"]
     )
-    assert params.train.max_train_steps == 7 and params.train.distillation_config.last_step_only is True
+    assert params.train.run.max_train_steps == 7 and params.train.distillation_config.last_step_only is True
 
 
 def test_overrides_reach_list_entries_by_index():
@@ -197,5 +212,5 @@ def test_params_read_as_dvc_writes_them(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(text)
     params = load(path)
-    assert params.train.mixed_precision == "no"
-    assert isinstance(params.train.learning_rate, float)
+    assert params.train.run.mixed_precision == "no"
+    assert isinstance(params.train.optim.learning_rate, float)

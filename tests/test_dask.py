@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dmd.core.video import read_video
-from dmd.data.cache import open_cache
+from dmd.data.cache.loader import open_cache
 
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).parent / "fixtures"

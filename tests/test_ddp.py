@@ -13,7 +13,7 @@ import pytest
 from train_world import build_cache, run_params
 
 from dmd.training.checkpoint import CheckpointManager
-from tasks.train import launch_command
+from flows.train import launch_command
 
 pytestmark = pytest.mark.slow
 

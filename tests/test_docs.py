@@ -100,14 +100,6 @@ def doc_blocks() -> list[Block]:
     return blocks
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The workspace and the block runner
 
@@ -128,8 +120,8 @@ def build_workspace(root: Path, tiny_wan_dir: Path, overrides: list[str]) -> Pat
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
-    for folder in ("flows", "tasks"):  # prefect.yaml's entrypoints
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # prefect.yaml's entrypoints
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("config.json", "multidatabackend.json"):  # the user's SimpleTuner files the README imports
         shutil.copy(FIXTURES / "seed" / name, root / name)
     (root / ".venv").symlink_to(BIN.parent)
@@ -150,6 +142,8 @@ class Runner:
 
     def __init__(self, workspace: Path, scratch: Path):
         self.workspace, self.scratch = workspace, scratch
+        from flows.local_server import free_port
+
         self.port = free_port()
         self.substitutions = {"4200": str(self.port), "/srv/dvc-store": str(scratch / "dvc-store")}
         self.env = {
@@ -297,13 +291,13 @@ def test_the_readme_snippet_is_the_model_cards_for_the_default_settings(tmp_path
 
     params = load(REPO / "params.yaml")
     card = student_card(params, RolloutSchedule.from_params(params), ema=True, step=1, sigma_error=0.0)
-    student = tmp_path / Path(params.train.output_dir).name
+    student = tmp_path / Path(params.train.run.output_dir).name
     student.mkdir()
     text = write_model_card(student, params, card=card, path=student / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
     (readme,) = [b for b in doc_blocks() if b.language == "python" and b.doc == "README.md"]
-    expected = snippet.replace(f'"{student.name}"', f'"{params.train.output_dir}"').replace(
-        '"a prompt"', f'"{params.train.validation_prompt}"'
+    expected = snippet.replace(f'"{student.name}"', f'"{params.train.run.output_dir}"').replace(
+        '"a prompt"', f'"{params.train.validation.validation_prompt}"'
     )
     assert readme.text.strip() == expected.strip()
 

@@ -26,7 +26,7 @@ def test_a_shorter_experiment_holds_the_shorter_student(tmp_path, tiny_wan_dir):
     with local_prefect_server(tmp_path / "server") as url:
         runner.env["PREFECT_API_URL"] = url
         runner.run(Block("test", "bash", "dvc repro"))
-        steps = load(workspace / "params.yaml").train.max_train_steps
+        steps = load(workspace / "params.yaml").train.run.max_train_steps
         result = runner.run(Block("test", "bash", f"dvc exp run -S train.max_train_steps={steps - 1}"))
     card = json.loads((workspace / "output" / "student" / "student.json").read_text())
     assert card["train_steps"] == steps - 1

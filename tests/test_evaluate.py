@@ -28,6 +28,9 @@ from dmd.evaluation.report import (
     LABEL_WIDTH,
 )
 from dmd.toy.world import ToyWorld
+from dmd.wan.decode import LatentDecoder
+from dmd.wan.latents import initial_noise
+from dmd.wan.sampler import TeacherSampler, load_teacher_pipeline
 
 
 def test_load_prompts_toy_and_json(tiny_params, tmp_path):
@@ -48,7 +51,7 @@ def test_load_prompts_toy_and_json(tiny_params, tmp_path):
     with pytest.raises(ev.EvaluationError, match="at least 2 videos per run"):
         ev.plan(tiny_params)
     tiny_params.evaluate.prompts = str(tmp_path / "missing.json")
-    with pytest.raises(ev.EvaluationError, match="evaluate.prompts='.*missing.json': no such file"):
+    with pytest.raises(ev.EvaluationError, match="evaluate.prompts: .*missing.json not found"):
         ev.load_prompts(tiny_params)
 
 
@@ -57,7 +60,7 @@ def test_eval_items_pair_every_prompt_with_every_seed():
     assert [(i.prompt, i.seed) for i in items] == [(p, s) for p in "ab" for s in (7, 8, 9)]
     assert len({i.stem for i in items}) == 6
     # the same seed gives the same initial noise whichever run or prompt asks
-    torch.testing.assert_close(ev.initial_noise(7, (1, 2, 3, 4, 4)), ev.initial_noise(7, (1, 2, 3, 4, 4)))
+    torch.testing.assert_close(initial_noise(7, (1, 2, 3, 4, 4)), initial_noise(7, (1, 2, 3, 4, 4)))
 
 
 def test_teacher_run_matches_plain_wan_pipeline(tiny_params, tiny_wan_dir, tmp_path):
@@ -65,12 +68,12 @@ def test_teacher_run_matches_plain_wan_pipeline(tiny_params, tiny_wan_dir, tmp_p
 
     device = torch.device("cpu")
     items = ev.eval_items(["a red square moving left slowly", "a blue circle moving up quickly"], 3, 1)
-    pipe = ev.load_teacher_pipeline(tiny_params, device)
+    pipe = load_teacher_pipeline(tiny_params.model, device, tiny_params.model.flow_schedule_shift)
     video = ev.VideoSpec(height=32, width=32, num_frames=9, fps=8)
-    shape = ev.latent_shape(pipe.transformer, pipe.vae, video)
-    sampler = ev.TeacherSampler(pipe, steps=3, guidance=4.0, negative_prompt="", max_sequence_length=16)
+    shape = ev.video_noise_shape(pipe.transformer, pipe.vae, video)
+    sampler = TeacherSampler(pipe, steps=3, guidance=4.0, negative_prompt="", max_sequence_length=16)
     run = ev.run_sampler(
-        "teacher_full", sampler, ev.LatentDecoder(pipe.vae), items, shape, device, 2, tmp_path, 8, False
+        "teacher_full", sampler, LatentDecoder(pipe.vae), items, shape, device, 2, tmp_path, 8, False
     )
 
     # the measured NFE: 3 steps × (cond + uncond), warm-up videos excluded
@@ -91,7 +94,7 @@ def test_teacher_run_matches_plain_wan_pipeline(tiny_params, tiny_wan_dir, tmp_p
             num_frames=9,
             num_inference_steps=3,
             guidance_scale=4.0,
-            latents=ev.initial_noise(item.seed, shape),
+            latents=initial_noise(item.seed, shape),
             max_sequence_length=16,
             output_type="np",
         ).frames[0]
@@ -100,10 +103,12 @@ def test_teacher_run_matches_plain_wan_pipeline(tiny_params, tiny_wan_dir, tmp_p
         assert read_video(path).shape == clip.shape
 
 
-def test_latent_shape_rejects_sizes_the_vae_cannot_pack(tiny_params):
-    pipe = ev.load_teacher_pipeline(tiny_params, torch.device("cpu"))
+def test_video_noise_shape_rejects_sizes_the_vae_cannot_pack(tiny_params):
+    pipe = load_teacher_pipeline(tiny_params.model, "cpu", tiny_params.model.flow_schedule_shift)
     with pytest.raises(ev.EvaluationError, match="multiple of 8"):
-        ev.latent_shape(pipe.transformer, pipe.vae, ev.VideoSpec(height=36, width=32, num_frames=9, fps=8))
+        ev.video_noise_shape(
+            pipe.transformer, pipe.vae, ev.VideoSpec(height=36, width=32, num_frames=9, fps=8)
+        )
 
 
 def test_missing_student_says_how_to_make_one(tiny_params):
@@ -307,7 +312,7 @@ def _export_lora_student(params) -> Path:
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return export_student(transformer, params, params.train.output_dir, ema=True, step=0)
+    return export_student(transformer, params, params.train.run.output_dir, ema=True, step=0)
 
 
 def test_fused_lora_student_samples_like_the_adapter(tiny_params):
@@ -320,7 +325,7 @@ def test_fused_lora_student_samples_like_the_adapter(tiny_params):
     assert ev.fuse_student_lora(fused, tiny_params)
     assert not any("lora" in name for name, _ in fused.named_modules())
     embeds = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
-    noise = ev.initial_noise(3, (1, 4, 6, 8, 8))
+    noise = initial_noise(3, (1, 4, 6, 8, 8))
     expected = sample(adapter, embeds, noise, schedule, torch.Generator().manual_seed(3))
     got = sample(fused, embeds, noise, schedule, torch.Generator().manual_seed(3))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dmd.core.config import load
-from dmd.data.generate import to_uint8
 from dmd.distill.rollout import transformer_velocity
 from dmd.student.export import (
     export_student,
@@ -21,6 +20,7 @@ from dmd.student.export import (
     write_model_card,
 )
 from dmd.student.sample import pipeline_arguments, student_videos
+from dmd.wan.decode import to_uint8
 from dmd.wan.loading import add_lora, is_int8, load_transformer
 
 PROMPT = "a red square moving right slowly"
@@ -50,7 +50,7 @@ def test_an_unreachable_schedule_reports_its_error():
 def _lora_student(params, seed=0):
     """The teacher with a "student" adapter whose weights are random (not the zero-initialised B)."""
     transformer = load_transformer(params.model)
-    add_lora(transformer, params.train.lora_rank, params.train.lora_alpha, "student")
+    add_lora(transformer, params.train.student.lora_rank, params.train.student.lora_alpha, "student")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in transformer.named_parameters():

@@ -24,9 +24,7 @@ from dmd.core.config import load
 from dmd.core.io import sha256_file
 from dmd.core.video import read_video, write_video
 from dmd.data.generate import (
-    MANIFEST,
     GenerationError,
-    decode_latents,
     generate_shard,
     missing_shards,
     parse_shard_range,
@@ -36,6 +34,8 @@ from dmd.data.generate import (
     write_manifest,
 )
 from dmd.data.prompts import PromptLibraryError, load_prompt_library
+from dmd.data.schema import MANIFEST
+from dmd.wan.decode import LatentDecoder
 
 REPO = Path(__file__).resolve().parents[1]
 DMD = str(Path(sys.executable).parent / "dmd")
@@ -263,7 +263,7 @@ def test_shard_matches_plain_diffusers_from_the_saved_noise(tiny_params_file, ti
     saved = torch.stack([load_file(shard / f)["latents"] for f in rows["latents"]])
     assert torch.equal(saved, latents)
     frames = pipe(**call, output_type="np").frames
-    ours = decode_latents(pipe, latents)
+    ours = LatentDecoder(pipe.vae)(latents)
     assert np.array_equal(ours, (frames * 255).round().astype(np.uint8))
 
     # random weights draw noise-like frames that H.264 keeps only roughly, so each mp4 is compared with an

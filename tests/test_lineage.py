@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 # what a scheduled backfill run of the generate-teacher-data/backfill deployment executes
 BACKFILL_RUN = (
-    "from flows.generate import generate_teacher_data; generate_teacher_data('params.yaml', max_shards=1)"
+    "from dmd_pipeline.flows.generate import generate_teacher_data; "
+    "generate_teacher_data('params.yaml', max_shards=1)"
 )
 
 
@@ -31,8 +32,8 @@ def test_the_settings_a_stage_records_are_what_dvc_yaml_says_it_reads(tmp_path):
     assert {name: tuple(stage["params"]) for name, stage in stages.items()} == STAGE_SETTINGS
     params = load(REPO / "params.yaml")
     recorded = stage_settings(params, "generate")
-    assert set(recorded) == {"generate", "toy", "model", "train"}
-    assert recorded["train"] == {"validation_negative_prompt": params.train.validation_negative_prompt}
+    assert set(recorded) == {"generate", "toy", "model"}
+    assert recorded["model"]["negative_prompt"] == params.model.negative_prompt
     assert not {k.split(".")[1] for k in RUN_SETTINGS if k.startswith("generate.")} & set(
         recorded["generate"]
     )

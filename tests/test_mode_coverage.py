@@ -10,7 +10,7 @@ from test_method_keys import _batch, _gen, _method, _params
 
 from dmd.distill.consistency import consistency_loss, euler_step, teacher_sigma_grid
 from dmd.distill.gan import ClassificationHead, gan_critic_loss, gan_generator_loss
-from dmd.evaluation.metrics import start_position_variety
+from dmd.toy.variety import start_position_variety
 
 
 def _head() -> ClassificationHead:

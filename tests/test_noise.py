@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmd.core.noise import initial_noise, randn
+from dmd.core.noise import randn
+from dmd.wan.latents import initial_noise
 
 SHAPE = (1, 4, 3, 8, 8)
 DEVICES = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -82,7 +82,7 @@ def test_adamw_bf16_state_survives_a_checkpoint_round_trip():
 
 def _lrs(cfg: TrainConfig, total: int, read: int | None = None) -> list[float]:
     """The lr at steps 0..read-1 of a schedule over `total` steps."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.optim.learning_rate)
     sched = build_lr_scheduler(opt, cfg, total)
     lrs = []
     for _ in range(read or total):

@@ -13,7 +13,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest brings tomli there
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-CODE = ("dmd", "flows", "tasks", "benchmarks", "scripts")
+CODE = ("dmd", "flows", "benchmarks", "scripts")
 # Declared, used, but never imported by name.
 RUNTIME_ONLY = {
     "sentencepiece": "transformers needs it to load UMT5's sentencepiece tokenizer of a real Wan directory",
@@ -55,3 +55,14 @@ def test_licence_and_type_marker_ship():
     assert "Version 2.0" in (REPO / "LICENSE").read_text()[:200]
     assert (REPO / "dmd" / "py.typed").is_file()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dmd"]
+
+
+def test_the_wheel_lists_every_package_and_installs_the_flows_under_the_project_name():
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "dmd").rglob("__init__.py")}
+    listed = set(setuptools["packages"])
+    assert not on_disk - listed, f"add to pyproject.toml's packages: {sorted(on_disk - listed)}"
+    assert setuptools["package-dir"] == {"dmd_pipeline.flows": "flows"}
+    assert {p.split(".")[0] for p in listed} == {"dmd", "dmd_pipeline"}  # no generic top-level names
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"dmd": "dmd_pipeline.flows.cli:main"}

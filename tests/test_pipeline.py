@@ -242,7 +242,7 @@ def test_overrides_are_written_as_dvc_exp_run_writes_them(api, toy, tmp_path):
     assert results == {"generate": "up to date", "cache": "up to date", "train": "ran", "evaluate": "ran"}
     text = (toy / "params.yaml").read_text()
     assert text.startswith((FIXTURES / "tiny.yaml").read_text().splitlines()[0])  # comments are kept
-    assert load(toy / "params.yaml").train.max_train_steps == 5
+    assert load(toy / "params.yaml").train.run.max_train_steps == 5
     assert text == (other / "params.yaml").read_text()
     assert lock_of(toy) == lock_of(other)
     assert dvc_status(toy) == {}
@@ -254,12 +254,12 @@ def test_overrides_mean_to_the_pipeline_what_they_mean_to_every_dmd_command(api,
 
     overrides = [
         "train.validation_prompt=a red square, moving",
-        "train.validation_negative_prompt=",
+        "model.negative_prompt=",
         "generate.num_videos=3",
     ]
     dmd_pipeline(params_file=str(toy / "params.yaml"), overrides=overrides, target="generate")
     assert load(toy / "params.yaml") == load(FIXTURES / "tiny.yaml", overrides)
-    assert load(toy / "params.yaml").train.validation_prompt == "a red square, moving"
+    assert load(toy / "params.yaml").train.validation.validation_prompt == "a red square, moving"
     text = (toy / "params.yaml").read_text()
     assert text.startswith((FIXTURES / "tiny.yaml").read_text().splitlines()[0])  # comments are kept
 
@@ -309,8 +309,9 @@ def webhook():
 
 def test_transient_failure_is_retried(api, toy, monkeypatch):
     import flows.pipeline as pipeline
+    import flows.retries as retries
 
-    monkeypatch.setattr(pipeline, "RETRY_DELAY_SECONDS", 0)
+    monkeypatch.setattr(retries, "RETRY_DELAY_SECONDS", 0)
     (toy / "fail-once-generate").touch()
     results = pipeline.dmd_pipeline(params_file=str(toy / "params.yaml"))
     assert results["generate"] == "ran"
@@ -320,8 +321,9 @@ def test_transient_failure_is_retried(api, toy, monkeypatch):
 
 def test_failure_is_reported_with_the_stage_output_and_notified(api, toy, webhook, monkeypatch):
     import flows.pipeline as pipeline
+    import flows.retries as retries
 
-    monkeypatch.setattr(pipeline, "RETRY_DELAY_SECONDS", 0)
+    monkeypatch.setattr(retries, "RETRY_DELAY_SECONDS", 0)
     url, received = webhook
     (toy / "fail-always-train").touch()
     with pytest.raises(pipeline.StageFailedError, match="(?s)stage 'train' failed.*train cannot work"):
@@ -362,9 +364,10 @@ def test_a_token_in_the_failure_webhook_url_is_neither_logged_nor_stored(
     from prefect.blocks.system import Secret
 
     import flows.pipeline as pipeline
+    import flows.retries as retries
     from dmd.training.webhooks import redact_url
 
-    monkeypatch.setattr(pipeline, "RETRY_DELAY_SECONDS", 0)
+    monkeypatch.setattr(retries, "RETRY_DELAY_SECONDS", 0)
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "INFO")
     url, received = webhook
     token = "T0KEN-" + os.urandom(8).hex()

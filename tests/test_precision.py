@@ -132,7 +132,7 @@ def test_dmd_sample_of_an_exported_student(params_at, tmp_path, precision, model
     params = params_at("fp32", *overrides)
     student = load_transformer(params.model)
     if model_type == "lora":
-        add_lora(student, params.train.lora_rank, params.train.lora_alpha, "student")
+        add_lora(student, params.train.student.lora_rank, params.train.student.lora_alpha, "student")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # weights that make the student differ from the teacher
         for name, p in student.named_parameters():
@@ -158,7 +158,9 @@ def test_validation(params_at, precision):
     def grid(precision, step):
         params = params_at(precision, "train.validation_guidance=2.0")
         transformer = load_transformer(params.model)
-        result = Validator(params, "cpu").run(step, transformer, ema=None)
+        result = Validator(params, "cpu", RolloutSchedule.from_params(params)).run(
+            step, transformer, ema=None
+        )
         assert transformer.training is False  # run() restores the mode it found
         return np.asarray(Image.open(result.grid), dtype=np.float32)
 
@@ -172,16 +174,18 @@ def test_validation(params_at, precision):
 @pytest.mark.parametrize("precision", FLOAT_PRECISIONS)
 def test_evaluate_teacher_and_student_samplers(params_at, precision):
     from dmd.evaluation import evaluate as ev
+    from dmd.wan.decode import LatentDecoder
     from dmd.wan.loading import load_text_encoder
+    from dmd.wan.sampler import TeacherSampler, load_teacher_pipeline
 
     noise, _ = _inputs(shape=(1, 4, 3, 8, 8))
 
     def teacher(precision):
         params = params_at(precision)
-        pipe = ev.load_teacher_pipeline(params, torch.device("cpu"))
-        sampler = ev.TeacherSampler(pipe, 2, 3.0, "", params.model.max_sequence_length)
+        pipe = load_teacher_pipeline(params.model, "cpu", params.model.flow_schedule_shift)
+        sampler = TeacherSampler(pipe, 2, 3.0, "", params.model.max_sequence_length)
         latents = sampler.denoise(sampler.encode(PROMPT), noise, seed=0)
-        clip = ev.LatentDecoder(pipe.vae)(latents)
+        clip = LatentDecoder(pipe.vae)(latents)
         return latents, clip
 
     def student(precision):
@@ -205,12 +209,12 @@ def test_evaluate_teacher_and_student_samplers(params_at, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", FLOAT_PRECISIONS)
 def test_generate_teacher_sampler(params_at, precision):
-    from dmd.data.generate import Sample, TeacherSampler
+    from dmd.data.generate import Sample, TeacherWorker
 
     def run(precision):
         params = params_at(precision)
         batch = [Sample(0, "00000000", "p0", PROMPT, 5)]
-        return TeacherSampler(params).sample(batch, params)
+        return TeacherWorker(params).sample(batch, params)
 
     out, reference = run(precision), run("fp32")
     torch.testing.assert_close(out.noise_BCTHW, reference.noise_BCTHW, rtol=0, atol=0)
@@ -243,7 +247,9 @@ def test_training_forward_and_backward_without_autocast(params_at, precision):
         with torch.no_grad():
             for p in roles.student_parameters():
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        method = DMDMethod(params, roles, torch.zeros(1, 16, 32), torch.zeros(1, 16, 32))
+        method = DMDMethod(
+            params, roles, RolloutSchedule.from_params(params), torch.zeros(1, 16, 32), torch.zeros(1, 16, 32)
+        )
         assert torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
         losses = []
         for loss_fn, weights in ((method.generator_loss, method.student_parameters()),

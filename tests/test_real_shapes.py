@@ -96,7 +96,7 @@ def wan_13b(tmp_path_factory) -> Path:
 def seed_run(tmp_path_factory, wan_13b, webhook) -> dict:
     """The seed's config imported as its users would, its linked files in place, every stage run once."""
     from dmd.data import generate
-    from dmd.data.cache import build_cache
+    from dmd.data.cache.build import build_cache
     from dmd.evaluation.evaluate import evaluate
     from dmd.training.loop import train
 
@@ -151,12 +151,12 @@ def test_the_seed_settings_are_the_ones_that_ran(seed_run):
     params, seed = seed_run["params"], seed_run["seed"]
     assert params.model.base_model_precision == "int8-quanto" == params.model.text_encoder_1_precision
     t, dc = params.train, params.train.distillation_config
-    assert (t.mixed_precision, t.optimizer, t.model_type, t.lora_rank, t.lora_alpha) == (
+    assert (t.run.mixed_precision, t.optim.optimizer, t.student.model_type, t.student.lora_rank, t.student.lora_alpha) == (
         "bf16", "adamw_bf16", "lora", 128, 128,
     )  # fmt: skip
-    assert t.gradient_checkpointing and t.use_ema and t.ema_update_interval == 5
+    assert t.student.gradient_checkpointing and t.ema.use_ema and t.ema.ema_update_interval == 5
     assert (dc.num_frame_per_block, dc.num_training_frames, dc.fake_score_lora_rank) == (3, 21, None)
-    assert t.validation_negative_prompt == seed["validation_negative_prompt"]
+    assert params.model.negative_prompt == seed["validation_negative_prompt"]
     config = json.loads((seed_run["root"] / "student" / "student.json").read_text())
     assert config["num_frame_per_block"] == 3 and not config["single_block_training"]
 

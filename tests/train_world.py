@@ -13,7 +13,7 @@ def build_cache(root: Path, tiny_wan_dir: Path) -> dict:
     """tests/fixtures/tiny.yaml pointed at the tiny Wan, its teacher data generated and cached under `root`."""
     from dmd.core.config import validate
     from dmd.data import generate
-    from dmd.data.cache import build_cache as encode
+    from dmd.data.cache.build import build_cache as encode
 
     raw = yaml.safe_load((FIXTURES / "tiny.yaml").read_text())
     raw["model"]["pretrained_model_name_or_path"] = str(tiny_wan_dir)

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 PRECISIONS = ("no_change", "fp32", "bf16", "fp16", "int8-quanto")
 Precision = Literal["no_change", "fp32", "bf16", "fp16", "int8-quanto"]
@@ -64,6 +73,11 @@ class ModelConfig(Section):
         3.0, gt=0, description="Shift of the teacher's sampling schedule (the scheduler's `shift`)."
     )
     max_sequence_length: int = Field(512, ge=1, description="T5 tokens per prompt, as WanPipeline uses.")
+    negative_prompt: str = Field(
+        DEFAULT_NEGATIVE_PROMPT,
+        description="The unconditional side of every CFG: the teacher's samples, the real score, validation, "
+        "`dmd sample` and evaluation.",
+    )
 
     @property
     def text_encoder_path(self) -> str:
@@ -161,7 +175,6 @@ class GenerateConfig(Section):
         "toy",
         description="'toy' for the toy world's training captions (cycled), or a txt/jsonl/parquet prompt library.",
     )
-    negative_prompt: str | None = Field(None, description="Defaults to train.validation_negative_prompt.")
     num_videos: int = Field(
         90,
         ge=1,
@@ -289,7 +302,7 @@ class DatasetConfig(Section):
 
 
 class CacheConfig(Section):
-    """VAE latent + T5 embedding cache (dmd/data/cache.py) and its training loader."""
+    """VAE latent + T5 embedding cache (dmd/data/cache/build.py) and its training loader (cache/loader.py)."""
 
     output_dir: str = Field("cache", description="index.parquet, problems.parquet, text/, latents/.")
     data_backend_config: str | None = Field(
@@ -513,17 +526,74 @@ class DistillationConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """The DMD training run (dmd/training/loop.py); flat keys as in the seed trainer's config."""
+class TrainGroup(Section):
+    """A group of `train:` settings: grouped in code, flat in params.yaml (TrainConfig routes the keys)."""
 
-    distillation_method: Literal["dmd"] = "dmd"
-    distillation_config: DistillationConfig = Field(default_factory=DistillationConfig)
+
+class RunConfig(TrainGroup):
+    """How long the run goes, where its student lands, and how it is launched."""
+
+    seed: int = Field(1000, description="Seeds the LoRA init, the data order and every draw of the run.")
+    max_train_steps: int = Field(
+        600,
+        ge=0,
+        description="Steps (one critic update + maybe one student update each); 0: use num_train_epochs.",
+    )
+    num_train_epochs: int = Field(
+        0,
+        ge=0,
+        description="Epochs over the cache, used when max_train_steps is 0 (or see ignore_final_epochs).",
+    )
+    ignore_final_epochs: bool = Field(
+        True,
+        description="When both max_train_steps and num_train_epochs are set: true lets max_train_steps decide the "
+        "end (epochs past it are ignored); false ends at whichever comes first.",
+    )
+    output_dir: str = Field("output/student", description="The exported student; validation/ inside it.")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes (one per GPU, or CPU processes with gloo); above 1 the train flow starts "
+        "them with torchrun, every socket on loopback (dmd/training/launch.py).",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
+    )
+    max_consecutive_nonfinite: int = Field(
+        5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
+    )
+
+
+class StudentConfig(TrainGroup):
+    """What is trained: a LoRA on the frozen teacher or a full copy."""
+
     model_type: Literal["lora", "full"] = Field(
         "lora", description="Student as a LoRA adapter on the frozen teacher, or a full trainable copy."
     )
     lora_rank: int = Field(16, ge=1, description="Rank of the student's LoRA (model_type: lora).")
     lora_alpha: float = Field(16, gt=0, description="Alpha of the student's LoRA; its scale is alpha/rank.")
     lora_type: Literal["standard"] = Field("standard", description="peft LoRA on attention and FFN linears.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute transformer activations in backward (diffusers' gradient checkpointing).",
+    )
+
+
+class BatchConfig(TrainGroup):
+    """What each step trains on."""
+
+    train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch on each process.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per step; gradients are summed, so n × batch b equals batch n·b."
+    )
+    caption_dropout_probability: float = Field(
+        0.0, ge=0, lt=1, description="Per sample, train on the empty prompt's embeddings instead (seeded)."
+    )
+
+
+class OptimConfig(TrainGroup):
+    """The optimizer, its schedule and gradient clipping, for student and critic."""
+
     learning_rate: float = Field(5e-5, gt=0, description="The student's peak learning rate.")
     optimizer: Literal["adamw", "adamw_bf16"] = Field(
         "adamw",
@@ -546,17 +616,11 @@ class TrainConfig(Section):
         description="The student's clipping: norm rescales to max_grad_norm, value clamps each element.",
     )
     max_grad_norm: float = Field(1.0, ge=0, description="Limit of grad_clip_method; 0 disables clipping.")
-    gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches per step; gradients are summed, so n × batch b equals batch n·b."
-    )
-    gradient_checkpointing: bool = Field(
-        False,
-        description="Recompute transformer activations in backward (diffusers' gradient checkpointing).",
-    )
-    train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch on each process.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
-    )
+
+
+class EmaConfig(TrainGroup):
+    """The student's exponential moving average."""
+
     use_ema: bool = Field(True, description="Keep an EMA of the student; the export holds the EMA weights.")
     ema_decay: float = Field(
         0.99,
@@ -571,26 +635,11 @@ class TrainConfig(Section):
     ema_validation: Literal["none", "ema_only", "comparison"] = Field(
         "ema_only", description="Validate with the live weights, the EMA weights, or both side by side."
     )
-    seed: int = Field(1000, description="Seeds the LoRA init, the data order and every draw of the run.")
-    max_train_steps: int = Field(
-        600,
-        ge=0,
-        description="Steps (one critic update + maybe one student update each); 0: use num_train_epochs.",
-    )
-    num_train_epochs: int = Field(
-        0,
-        ge=0,
-        description="Epochs over the cache, used when max_train_steps is 0 (or see ignore_final_epochs).",
-    )
-    ignore_final_epochs: bool = Field(
-        True,
-        description="When both max_train_steps and num_train_epochs are set: true lets max_train_steps decide the "
-        "end (epochs past it are ignored); false ends at whichever comes first.",
-    )
-    caption_dropout_probability: float = Field(
-        0.0, ge=0, lt=1, description="Per sample, train on the empty prompt's embeddings instead (seeded)."
-    )
-    output_dir: str = Field("output/student", description="The exported student; validation/ inside it.")
+
+
+class CheckpointConfig(TrainGroup):
+    """Where checkpoints go, how many are kept, and which one a run resumes from."""
+
     checkpoint_dir: str = "checkpoints"
     checkpoint_step_interval: int = Field(200, ge=1)
     checkpoints_total_limit: int = Field(
@@ -599,12 +648,11 @@ class TrainConfig(Section):
     resume_from_checkpoint: str | None = Field(
         "latest", description="'latest' (fresh start when there is none), a checkpoint folder, or null."
     )
-    num_processes: int = Field(
-        1,
-        ge=1,
-        description="Training processes (one per GPU, or CPU processes with gloo); above 1 the train flow starts "
-        "them with torchrun, every socket on loopback (dmd/training/launch.py).",
-    )
+
+
+class TrackingConfig(TrainGroup):
+    """Where progress is reported: metrics, trackers and webhooks."""
+
     report_to: Literal["none", "wandb", "dvclive"] = Field(
         "dvclive",
         description="dvclive writes metrics_dir for `dvc plots`; wandb also writes it and logs to wandb "
@@ -618,9 +666,19 @@ class TrainConfig(Section):
     webhook_config: str | None = Field(
         None, description="A JSON file: webhook_url, webhook_type (raw|discord), message_prefix, log_level."
     )
+
+
+class HubConfig(TrainGroup):
+    """Uploads to the Hugging Face Hub."""
+
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
     hub_model_id: str | None = None
+
+
+class ValidationConfig(TrainGroup):
+    """Sample videos rendered during training."""
+
     disable_benchmark: bool = Field(
         True, description="false: also validate before the first step, as a baseline."
     )
@@ -629,9 +687,6 @@ class TrainConfig(Section):
     validation_prompt_library: str | None = Field(
         None,
         description="A JSON file: a list of prompts or {name: prompt}; validated with validation_prompt.",
-    )
-    validation_negative_prompt: str = Field(
-        DEFAULT_NEGATIVE_PROMPT, description="The unconditional side when validation_guidance > 1."
     )
     validation_guidance: float = Field(1.0, ge=0, description="CFG scale of validation samples; ≤ 1: none.")
     validation_num_inference_steps: int = Field(
@@ -646,9 +701,6 @@ class TrainConfig(Section):
     validation_num_video_frames: int = 21
     validation_seed: int = Field(
         42, description="Each validation prompt's seed, the same at every validation."
-    )
-    max_consecutive_nonfinite: int = Field(
-        5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
 
     @field_validator("validation_resolution")
@@ -669,13 +721,115 @@ class TrainConfig(Section):
         _check_frames("validation_num_video_frames", value)
         return value
 
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(height, width) of validation videos."""
+        w, h = (int(p) for p in self.validation_resolution.lower().split("x"))
+        return h, w
+
+
+# The flat `train:` keys in params.yaml's order, the order every dump writes them in.
+TRAIN_KEY_ORDER = (
+    "distillation_method",
+    "distillation_config",
+    "model_type",
+    "lora_rank",
+    "lora_alpha",
+    "lora_type",
+    "learning_rate",
+    "optimizer",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_min_ratio",
+    "grad_clip_method",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "train_batch_size",
+    "mixed_precision",
+    "use_ema",
+    "ema_decay",
+    "ema_update_interval",
+    "ema_validation",
+    "seed",
+    "max_train_steps",
+    "num_train_epochs",
+    "ignore_final_epochs",
+    "caption_dropout_probability",
+    "output_dir",
+    "checkpoint_dir",
+    "checkpoint_step_interval",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "num_processes",
+    "report_to",
+    "metrics_dir",
+    "tracker_project_name",
+    "tracker_run_name",
+    "webhook_config",
+    "push_to_hub",
+    "push_checkpoints_to_hub",
+    "hub_model_id",
+    "disable_benchmark",
+    "validation_step_interval",
+    "validation_prompt",
+    "validation_prompt_library",
+    "validation_guidance",
+    "validation_num_inference_steps",
+    "validation_resolution",
+    "validation_num_video_frames",
+    "validation_seed",
+    "max_consecutive_nonfinite",
+)
+
+
+class TrainConfig(Section):
+    """The DMD training run (dmd/training/loop.py). params.yaml keeps the seed trainer's flat keys; here they are
+    grouped by the component that reads them, and dumps write them flat again in TRAIN_KEY_ORDER."""
+
+    distillation_method: Literal["dmd"] = "dmd"
+    distillation_config: DistillationConfig = Field(default_factory=DistillationConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_keys(cls, data: Any) -> Any:
+        """Flat keys into their groups; an unknown key stays at the top, where extra="forbid" names it."""
+        if not isinstance(data, dict):
+            return data
+        routed: dict = {}
+        for key, value in data.items():
+            if key in TRAIN_KEY_GROUPS:
+                routed.setdefault(TRAIN_KEY_GROUPS[key], {})[key] = value
+            elif key in TRAIN_GROUPS and isinstance(value, dict):
+                routed.setdefault(key, {}).update(value)
+            else:
+                routed[key] = value
+        return routed
+
+    @model_serializer(mode="wrap")
+    def _flat_dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        grouped = handler(self)
+        flat = {k: v for k, v in grouped.items() if k not in TRAIN_GROUPS}
+        for group in TRAIN_GROUPS:
+            flat.update(grouped.get(group, {}))
+        return {key: flat[key] for key in TRAIN_KEY_ORDER if key in flat}
+
     @model_validator(mode="after")
     def _gan_recompute(self):
         dc = self.distillation_config
         if (
             dc.gen_cls_loss_weight > 0
-            and self.gradient_checkpointing
-            and self.model_type == "lora"
+            and self.student.gradient_checkpointing
+            and self.student.model_type == "lora"
             and dc.fake_score_lora_rank is not None
         ):
             raise ValueError(
@@ -685,11 +839,28 @@ class TrainConfig(Section):
             )
         return self
 
-    @property
-    def validation_size(self) -> tuple[int, int]:
-        """(height, width) of validation videos."""
-        w, h = (int(p) for p in self.validation_resolution.lower().split("x"))
-        return h, w
+
+# Each group's attribute on TrainConfig, and the group each flat key lives in.
+TRAIN_GROUPS: dict[str, type[TrainGroup]] = {
+    name: field.annotation
+    for name, field in TrainConfig.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, TrainGroup)
+}
+TRAIN_KEY_GROUPS: dict[str, str] = {
+    key: name for name, group in TRAIN_GROUPS.items() for key in group.model_fields
+}
+
+# A key left out of TRAIN_KEY_ORDER would vanish from every dump, and a key in two groups would reach only one of
+# them: both fail at import rather than in a run's recorded settings.
+_FLAT_KEYS = [
+    key
+    for name in TrainConfig.model_fields
+    for key in (TRAIN_GROUPS[name].model_fields if name in TRAIN_GROUPS else [name])
+]
+if sorted(_FLAT_KEYS) != sorted(TRAIN_KEY_ORDER):
+    raise TypeError(
+        f"TRAIN_KEY_ORDER must list each train key once: {sorted(set(_FLAT_KEYS) ^ set(TRAIN_KEY_ORDER))}"
+    )
 
 
 class EvaluateConfig(Section):
@@ -779,31 +950,32 @@ class Params(Section):
     def _cross_checks(self):
         problems = []
         dc = self.train.distillation_config
-        problems += block_problems(dc, dc.num_training_frames)
-        if self.train.num_train_epochs == 0 and self.train.max_train_steps == 0:
+        blocks = time_block_problem(
+            dc.num_training_frames, dc.num_frame_per_block, dc.independent_first_frame
+        )
+        if blocks:
+            problems.append(f"{blocks} (num_training_frames={dc.num_training_frames})")
+        if self.train.run.num_train_epochs == 0 and self.train.run.max_train_steps == 0:
             problems.append("train.max_train_steps and train.num_train_epochs are both 0: set one of them")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
-    @property
-    def negative_prompt(self) -> str:
-        np_ = self.generate.negative_prompt
-        return self.train.validation_negative_prompt if np_ is None else np_
 
-
-def block_problems(dc: DistillationConfig, latent_frames: int) -> list[str]:
-    """Time-block checks for `latent_frames` latent frames; shared by config load and the trainer."""
-    first = 1 if dc.independent_first_frame else 0
+def time_block_problem(
+    latent_frames: int, num_frame_per_block: int, independent_first_frame: bool
+) -> str | None:
+    """Why time blocks of `num_frame_per_block` cannot split `latent_frames` latent frames, or None when they can;
+    the one check behind config load (num_training_frames) and the rollout (each clip it makes)."""
+    first = 1 if independent_first_frame and latent_frames > 1 else 0
     rest = latent_frames - first
-    if rest % dc.num_frame_per_block:
-        ok = [b for b in range(1, rest + 1) if rest % b == 0]
-        return [
-            f"train.distillation_config.num_frame_per_block={dc.num_frame_per_block} does not divide the "
-            f"{rest} latent frames{' after the independent first frame' if first else ''} "
-            f"(num_training_frames={dc.num_training_frames}); use one of {ok}"
-        ]
-    return []
+    if rest % num_frame_per_block == 0:
+        return None
+    ok = [b for b in range(1, rest + 1) if rest % b == 0]
+    return (
+        f"train.distillation_config.num_frame_per_block={num_frame_per_block} does not divide the {rest} latent "
+        f"frames{' after the independent first frame' if first else ''}; use one of {ok}"
+    )
 
 
 def check_size(pixels: int) -> int:
@@ -830,16 +1002,30 @@ def _check_frames(key: str, frames: int) -> None:
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key as params.yaml spells it: a TrainConfig group adds no level of its own."""
     keys = []
     for name, field in model.model_fields.items():
-        keys.append(prefix + name)
         ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, TrainGroup):
+            keys += _all_keys(ann, prefix)
+            continue
+        keys.append(prefix + name)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _all_keys(ann, prefix + name + ".")
     return keys
 
 
+def _yaml_loc(loc: tuple) -> tuple:
+    """An error's location as params.yaml spells it: without the TrainConfig group that holds a flat key."""
+    return tuple(
+        part
+        for i, part in enumerate(loc)
+        if not (part in TRAIN_GROUPS and i + 1 < len(loc) and loc[i + 1] in TRAIN_GROUPS[part].model_fields)
+    )
+
+
 def _format_error(err: dict, source_keys: list[str]) -> str:
+    err = {**err, "loc": _yaml_loc(err["loc"])}
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         name = str(err["loc"][-1])
@@ -1003,15 +1189,15 @@ def dump(params: Params) -> str:
 # agree): a section, a key, or a sub-section.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "toy_teacher": ("toy", "toy_teacher", "model.flow_schedule_shift", "model.max_sequence_length"),
-    "generate": ("generate", "toy", "model", "train.validation_negative_prompt"),
-    "cache": ("cache", "model", "generate.negative_prompt", "train.validation_negative_prompt"),
+    "generate": ("generate", "toy", "model"),
+    "cache": ("cache", "model"),
     "train": (
         "train", "model", "toy", "cache.output_dir", "generate.fps", "generate.prompts",
         "evaluate.metrics_path", "evaluate.report_dir",
     ),
     "evaluate": (
         "evaluate", "toy", "model", "train.output_dir", "train.model_type", "train.distillation_config",
-        "train.validation_negative_prompt", "generate.negative_prompt", "generate.height", "generate.width",
+        "generate.height", "generate.width",
         "generate.num_frames", "generate.fps",
     ),
 }  # fmt: skip

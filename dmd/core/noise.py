@@ -20,10 +20,3 @@ def randn(
     """Standard normal draws of `shape` from `generator`, made on its device, returned on `device`."""
     out = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
     return out if device is None else out.to(device)
-
-
-def initial_noise(
-    seed: int, shape: tuple[int, ...], device: torch.device | str | None = None
-) -> torch.Tensor:
-    """A video's initial noise (float32): a function of `seed` alone, drawn from a CPU generator seeded with it."""
-    return randn(shape, torch.Generator("cpu").manual_seed(seed), device)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dmd.core.config import (
+    TRAIN_KEY_ORDER,
     CacheConfig,
     ConfigError,
     DatasetConfig,
@@ -16,7 +17,6 @@ from dmd.core.config import (
     ModelConfig,
     Params,
     ToyTeacherConfig,
-    TrainConfig,
     apply_overrides,
     read_raw,
     resolve_backends,
@@ -24,7 +24,10 @@ from dmd.core.config import (
 )
 
 # Seed keys that belong to a section other than `train` (everything else that TrainConfig knows goes to `train`).
-MODEL_KEYS = set(ModelConfig.model_fields) - {"revision", "max_sequence_length"}
+MODEL_KEYS = set(ModelConfig.model_fields) - {"revision", "max_sequence_length", "negative_prompt"}
+# Seed keys stored here under another section and name: the seed's trainer names its negative prompt after
+# validation, but here it is the unconditional side of every CFG, the real score's included.
+RENAMED_KEYS = {"validation_negative_prompt": ("model", "negative_prompt")}
 CACHE_KEYS = set(CacheConfig.model_fields) & {
     "aspect_bucket_rounding",
     "compress_disk_cache",
@@ -36,7 +39,7 @@ CACHE_KEYS = set(CacheConfig.model_fields) & {
     "vae_batch_size",
     "data_backend_config",
 }
-TRAIN_KEYS = set(TrainConfig.model_fields)
+TRAIN_KEYS = set(TRAIN_KEY_ORDER)
 DEFAULT_VIDEO_SOURCE = "data/teacher"
 TODO = "todo: "  # a note that asks the user to act before the imported settings can run
 WAN_FPS = 16  # the frame rate Wan 2.1 T2V was trained and samples at
@@ -71,7 +74,10 @@ def import_simpletuner(config: dict, backend: list | None = None) -> tuple[dict,
     raw: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "train": {}}
     notes: list[str] = []
     for key, value in config.items():
-        if key in MODEL_KEYS:
+        if key in RENAMED_KEYS:
+            section, name = RENAMED_KEYS[key]
+            raw[section][name] = value
+        elif key in MODEL_KEYS:
             raw["model"][key] = value
         elif key in CACHE_KEYS:
             if key == "data_backend_config" and backend is not None:
@@ -301,8 +307,11 @@ def check_paths(params: Params, base: Path) -> list[str]:
     model = Path(params.model.pretrained_model_name_or_path)
     if not (base / model).exists() and params.model.pretrained_model_name_or_path.count("/") != 1:
         warnings.append(f"model.pretrained_model_name_or_path: {model} does not exist yet")
-    for key in ("validation_prompt_library", "webhook_config"):
-        value = getattr(params.train, key)
+    linked = {
+        "validation_prompt_library": params.train.validation.validation_prompt_library,
+        "webhook_config": params.train.tracking.webhook_config,
+    }
+    for key, value in linked.items():
         if value and not (base / value).exists():
             warnings.append(f"train.{key}: {value} not found; training will stop at start-up until it exists")
     if params.model.pretrained_model_name_or_path != params.toy_teacher.output_dir:
@@ -333,7 +342,7 @@ def config_command(args) -> int:
         print(
             f"{path}: {'OK' if not warnings else f'valid, with {len(warnings)} warning(s)'} — teacher "
             f"{params.model.pretrained_model_name_or_path}, {len(dc.dmd_denoising_steps)}-step student "
-            f"{dc.dmd_denoising_steps}, {params.train.model_type} student, critic "
+            f"{dc.dmd_denoising_steps}, {params.train.student.model_type} student, critic "
             f"{'LoRA r=' + str(dc.fake_score_lora_rank) if dc.fake_score_lora_rank else 'full copy'}; "
             f"videos {params.generate.width}x{params.generate.height}, {params.generate.num_frames} frames"
         )

@@ -21,11 +21,11 @@ import pandas as pd
 
 from dmd.core.config import CacheConfig, DatasetConfig
 from dmd.data.buckets import snap_frames
+from dmd.data.schema import MANIFEST, MANIFEST_SHARD, Manifest, teacher_shard_name
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
-MANIFEST = "manifest.parquet"
 
 
 class DatasetError(ValueError):
@@ -195,17 +195,17 @@ def _from_manifest(
     sources, problems = [], []
     for manifest, base in manifest_files(Path(ds.manifest)):  # check_datasets found at least one
         table = pd.read_parquet(manifest)
-        for column in ("video", ds.caption_column):
+        for column in (Manifest.VIDEO, ds.caption_column):
             if column not in table.columns:
                 raise DatasetError(
                     f"{manifest}: no column '{column}' (columns: {list(table.columns)}); "
                     f"set {key}.caption_column to the caption column"
                     if column == ds.caption_column
-                    else f"{manifest}: no column 'video' with the clip paths"
+                    else f"{manifest}: no column '{Manifest.VIDEO}' with the clip paths"
                 )
         for row in table.to_dict("records"):
-            shard_dir = _shard_dir(base, row.get("shard"))
-            video = shard_dir / str(row["video"])
+            shard_dir = _shard_dir(base, row.get(MANIFEST_SHARD))
+            video = shard_dir / str(row[Manifest.VIDEO])
             caption = row[ds.caption_column]
             problem = _caption_problem(settings.id, video, caption, f"column '{ds.caption_column}'")
             if problem:
@@ -292,7 +292,7 @@ def _shard_dir(base: Path, shard) -> Path:
     """A top-level manifest's `shard` column names the folder its paths are relative to."""
     if shard is None or (isinstance(shard, float) and math.isnan(shard)):
         return base
-    name = f"shard-{int(shard):05d}" if str(shard).isdigit() else str(shard)
+    name = teacher_shard_name(int(shard)) if str(shard).isdigit() else str(shard)
     return base if base.name == name else base / name
 
 
@@ -307,18 +307,18 @@ def _teacher_files(row: dict, shard_dir: Path) -> TeacherFiles | None:
             int(value) if value is not None and not (isinstance(value, float) and math.isnan(value)) else None
         )
 
-    latents = path("latents")
+    latents = path(Manifest.LATENTS)
     if latents is None:
         return None
-    sha = row.get("sha256")
-    teacher = row.get("teacher")
+    sha = row.get(Manifest.SHA256)
+    teacher = row.get(Manifest.TEACHER)
     return TeacherFiles(
         latents=latents,
-        noise=path("noise"),
+        noise=path(Manifest.NOISE),
         sha256=sha if isinstance(sha, str) and sha else None,
-        frames=integer("frames"),
-        height=integer("height"),
-        width=integer("width"),
+        frames=integer(Manifest.FRAMES),
+        height=integer(Manifest.HEIGHT),
+        width=integer(Manifest.WIDTH),
         teacher=teacher if isinstance(teacher, str) and teacher else None,
     )
 

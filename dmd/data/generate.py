@@ -42,35 +42,27 @@ import torch
 
 from dmd.core.config import Params
 from dmd.core.io import atomic_dir, sha256_file, write_parquet, write_safetensors
-from dmd.core.noise import initial_noise
 from dmd.core.video import write_video
 from dmd.data.prompts import Prompt, load_prompt_library, warn_truncated
+from dmd.data.schema import (
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    MANIFEST_SHARD,
+    TEACHER_LATENTS_TENSOR,
+    TEACHER_NOISE_TENSOR,
+    Manifest,
+    teacher_shard_name,
+)
+from dmd.wan.device import resolve_device
+from dmd.wan.latents import initial_noise
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.parquet"
-MANIFEST_COLUMNS = [
-    "id",
-    "prompt",
-    "negative_prompt",
-    "seed",
-    "steps",
-    "guidance",
-    "shift",
-    "frames",
-    "fps",
-    "width",
-    "height",
-    "teacher",
-    "teacher_revision",
-    "video",
-    "sha256",
-    "latents",
-    "noise",
-    "index",
-    "prompt_id",
-    "fingerprint",
-]
+_SAMPLE_FILE_COLUMNS = (
+    Manifest.VIDEO,
+    Manifest.LATENTS,
+    Manifest.NOISE,
+)  # a shard is complete when all exist
 
 
 class GenerationError(ValueError):
@@ -90,10 +82,6 @@ def sample_seed(base_seed: int, index: int) -> int:
 
 def sample_id(index: int) -> str:
     return f"{index:08d}"
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +134,7 @@ def generation_settings(params: Params) -> dict:
         "max_sequence_length": model.max_sequence_length,
         "prompts": cfg.prompts,
         "toy": params.toy.model_dump() if cfg.prompts == "toy" else None,
-        "negative_prompt": params.negative_prompt,
+        "negative_prompt": params.model.negative_prompt,
         "shift": flow_shift(params),
         "steps": cfg.num_inference_steps,
         "guidance": cfg.guidance_scale,
@@ -202,7 +190,7 @@ class GenerationPlan:
         return self.params.generate.num_shards
 
     def shard_dir(self, shard: int) -> Path:
-        return self.output_dir / shard_name(shard)
+        return self.output_dir / teacher_shard_name(shard)
 
     def samples(self, shard: int) -> list[Sample]:
         cfg = self.params.generate
@@ -232,12 +220,13 @@ class GenerationPlan:
         if not manifest.is_file():
             return "missing"
         try:
-            rows = pd.read_parquet(manifest, columns=["fingerprint", "video", "latents", "noise"])
+            rows = pd.read_parquet(manifest, columns=[Manifest.FINGERPRINT, *_SAMPLE_FILE_COLUMNS])
         except Exception:  # an unreadable manifest makes the shard unusable, whatever the reason
             return "stale"
-        if len(rows) != len(self.samples(shard)) or set(rows["fingerprint"]) != {self.fingerprint(shard)}:
+        fingerprints = set(rows[Manifest.FINGERPRINT])
+        if len(rows) != len(self.samples(shard)) or fingerprints != {self.fingerprint(shard)}:
             return "stale"
-        files = [f for col in ("video", "latents", "noise") for f in rows[col] if isinstance(f, str)]
+        files = [f for col in _SAMPLE_FILE_COLUMNS for f in rows[col] if isinstance(f, str)]
         if not all((self.shard_dir(shard) / f).is_file() for f in files):
             return "stale"
         return "complete"
@@ -254,20 +243,17 @@ def prepare(params: Params) -> GenerationPlan:
     Raises GenerationError / PromptLibraryError / dmd.wan.loading.ModelNotFoundError with the key or file and the fix;
     warns about prompts over the text encoder's window (they are truncated, as WanPipeline does).
     """
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer
 
+    from dmd.wan.latents import load_geometry
     from dmd.wan.loading import check_model_dir, model_source, teacher_revision
 
     cfg, model = params.generate, params.model
-    teacher = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     text_encoder = model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
     check_model_dir(model, resolve_device(cfg.device))
-    vae_config = AutoencoderKLWan.load_config(teacher, subfolder="vae", revision=model.revision)
-    patch = WanTransformer3DModel.load_config(teacher, subfolder="transformer", revision=model.revision)[
-        "patch_size"
-    ]
-    spatial = vae_config.get("scale_factor_spatial", 8)
+    geometry = load_geometry(model)
+    spatial, patch = geometry.spatial_factor, geometry.patch_size
     for key, value, p in (("height", cfg.height, patch[1]), ("width", cfg.width, patch[2])):
         step = spatial * p
         if value % step:
@@ -278,7 +264,7 @@ def prepare(params: Params) -> GenerationPlan:
     prompts = load_prompt_library(cfg.prompts, params.toy)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder, subfolder="tokenizer", revision=model.revision)
     source = "toy world" if cfg.prompts == "toy" else cfg.prompts
-    warn_truncated(source, prompts, tokenizer, model.max_sequence_length, params.negative_prompt)
+    warn_truncated(source, prompts, tokenizer, model.max_sequence_length, params.model.negative_prompt)
     # last: it creates the folder, which a rejected input must not leave behind
     _check_writable(Path(cfg.output_dir))
     return GenerationPlan(params, prompts, teacher_revision(params.model))
@@ -301,12 +287,6 @@ def _check_writable(out: Path) -> None:
 # Sampling
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class SampledBatch:
     latents_BCTHW: torch.Tensor  # float32, CPU
@@ -315,8 +295,8 @@ class SampledBatch:
     seconds: float  # teacher time: initial noise, denoising, VAE decode
 
 
-class TeacherSampler:
-    """The teacher as a WanPipeline, loaded once per process and shared by the shards sampled in it.
+class TeacherWorker:
+    """The teacher (dmd.wan.sampler), loaded once per process and shared by the shards sampled in it.
 
     All of its torch work (loading, denoising, decoding) runs on one dedicated thread, whichever task thread
     asks: one batch at a time, since a pipeline's scheduler is stateful, while the task threads write files. One
@@ -325,39 +305,23 @@ class TeacherSampler:
     per-run task threads measured 1.3–1.8× slower than from one thread here).
     """
 
-    _shared: dict[str, TeacherSampler] = {}
+    _shared: dict[str, TeacherWorker] = {}
     _shared_lock = threading.Lock()
 
     def __init__(self, params: Params):
         self.device = resolve_device(params.generate.device)
-        self.max_sequence_length = params.model.max_sequence_length
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
-        self.pipe = self._thread.submit(self._load, params).result()
+        self.pipe, self.decode = self._thread.submit(self._load, params).result()
 
     def _load(self, params: Params):
-        from diffusers import WanPipeline
+        from dmd.wan.decode import LatentDecoder
+        from dmd.wan.sampler import load_teacher_pipeline
 
-        from dmd.wan.loading import load_text_encoder, load_transformer, load_vae
-
-        model = params.model
-        tokenizer, text_encoder = load_text_encoder(model, self.device)
-        pipe = WanPipeline.from_pretrained(
-            model.pretrained_model_name_or_path,
-            transformer=load_transformer(model, self.device),
-            vae=load_vae(model, self.device),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            revision=model.revision,
-        )
-        scheduler = pipe.scheduler
-        # FlowMatchEulerDiscreteScheduler calls it `shift`, UniPC (the stock Wan 2.1 scheduler) `flow_shift`
-        key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
-        pipe.scheduler = type(scheduler).from_config(scheduler.config, **{key: flow_shift(params)})
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        pipe = load_teacher_pipeline(params.model, self.device, flow_shift(params))
+        return pipe, LatentDecoder(pipe.vae)
 
     @classmethod
-    def shared(cls, params: Params) -> TeacherSampler:
+    def shared(cls, params: Params) -> TeacherWorker:
         key = json.dumps(
             [params.model.model_dump(), params.generate.device, flow_shift(params)], sort_keys=True
         )
@@ -367,58 +331,26 @@ class TeacherSampler:
             return cls._shared[key]
 
     def sample(self, samples: list[Sample], params: Params) -> SampledBatch:
-        """Latents, initial noise and uint8 frames of `samples`, made on the sampler's thread."""
+        """Latents, initial noise and uint8 frames of `samples`, made on the worker's thread."""
         return self._thread.submit(self._sample, samples, params).result()
 
     def _sample(self, samples: list[Sample], params: Params) -> SampledBatch:
-        cfg = params.generate
+        from dmd.wan.sampler import TeacherSampler
+
+        cfg, model = params.generate, params.model
         start = time.perf_counter()
-        shape = latent_shape(self.pipe, cfg.height, cfg.width, cfg.num_frames)
+        sampler = TeacherSampler(
+            self.pipe,
+            cfg.num_inference_steps,
+            cfg.guidance_scale,
+            model.negative_prompt,
+            model.max_sequence_length,
+        )
+        shape = sampler.geometry.latent_shape(cfg.height, cfg.width, cfg.num_frames)
         noise = torch.stack([initial_noise(s.seed, shape) for s in samples])
-        latents = self.pipe(
-            prompt=[s.prompt for s in samples],
-            negative_prompt=[params.negative_prompt] * len(samples),
-            height=cfg.height,
-            width=cfg.width,
-            num_frames=cfg.num_frames,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            latents=noise.to(self.device),
-            output_type="latent",
-            max_sequence_length=self.max_sequence_length,
-            return_dict=False,
-        )[0]
-        frames = decode_latents(self.pipe, latents)  # the whole batch at once, as WanPipeline decodes
+        latents = sampler.denoise(sampler.encode([s.prompt for s in samples]), noise.to(self.device))
+        frames = self.decode(latents)  # the whole batch at once, as WanPipeline decodes
         return SampledBatch(latents.float().cpu(), noise, frames, time.perf_counter() - start)
-
-
-def latent_shape(pipe, height: int, width: int, num_frames: int) -> tuple[int, int, int, int]:
-    """(C, T, H, W) of one sample's latents in a Wan pipeline, as WanPipeline.prepare_latents makes them."""
-    return (
-        pipe.transformer.config.in_channels,
-        (num_frames - 1) // pipe.vae_scale_factor_temporal + 1,
-        height // pipe.vae_scale_factor_spatial,
-        width // pipe.vae_scale_factor_spatial,
-    )
-
-
-@torch.no_grad()
-def decode_latents(pipe, latents_BCTHW: torch.Tensor) -> np.ndarray:
-    """uint8 (B,T,H,W,3) frames from normalised latents: the same operations as WanPipeline's own decode."""
-    vae = pipe.vae
-    z = latents_BCTHW.to(vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
-        z.device, z.dtype
-    )
-    video = vae.decode(z / inv_std + mean, return_dict=False)[0]
-    frames = pipe.video_processor.postprocess_video(video, output_type="np")
-    return to_uint8(frames)
-
-
-def to_uint8(frames: np.ndarray) -> np.ndarray:
-    """[0, 1] floats to uint8, rounding as diffusers does when it makes images."""
-    return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -433,7 +365,7 @@ class ShardResult:
     sampling_seconds: float
 
 
-def generate_shard(plan: GenerationPlan, shard: int, sampler: TeacherSampler | None = None) -> ShardResult:
+def generate_shard(plan: GenerationPlan, shard: int, teacher: TeacherWorker | None = None) -> ShardResult:
     """Generate `shard` unless it is complete; the shard directory appears only when every file is written."""
     start = time.perf_counter()
     status = plan.status(shard)
@@ -445,12 +377,12 @@ def generate_shard(plan: GenerationPlan, shard: int, sampler: TeacherSampler | N
     samples = plan.samples(shard)
     final = plan.shard_dir(shard)
     _remove_leftovers(final)
-    sampler = sampler or TeacherSampler.shared(plan.params)
+    teacher = teacher or TeacherWorker.shared(plan.params)
     fingerprint = plan.fingerprint(shard)
     rows, sampling = [], 0.0
     with atomic_dir(final) as tmp:
         for batch in _batches(samples, cfg.batch_size):
-            out = sampler.sample(batch, plan.params)
+            out = teacher.sample(batch, plan.params)
             sampling += out.seconds
             for k, sample in enumerate(batch):
                 rows.append(_write_sample(tmp, sample, out, k, plan, fingerprint))
@@ -479,31 +411,31 @@ def _write_sample(
     latents = noise = None
     if cfg.save_latents:
         latents = f"{sample.id}.latents.safetensors"
-        write_safetensors(shard_dir / latents, {"latents": out.latents_BCTHW[k]})
+        write_safetensors(shard_dir / latents, {TEACHER_LATENTS_TENSOR: out.latents_BCTHW[k]})
     if cfg.save_noise:
         noise = f"{sample.id}.noise.safetensors"
-        write_safetensors(shard_dir / noise, {"noise": out.noise_BCTHW[k]})
+        write_safetensors(shard_dir / noise, {TEACHER_NOISE_TENSOR: out.noise_BCTHW[k]})
     return {
-        "id": sample.id,
-        "prompt": sample.prompt,
-        "negative_prompt": plan.params.negative_prompt,
-        "seed": sample.seed,
-        "steps": cfg.num_inference_steps,
-        "guidance": cfg.guidance_scale,
-        "shift": flow_shift(plan.params),
-        "frames": cfg.num_frames,
-        "fps": cfg.fps,
-        "width": cfg.width,
-        "height": cfg.height,
-        "teacher": plan.params.model.pretrained_model_name_or_path,
-        "teacher_revision": plan.teacher_revision,
-        "video": video,
-        "sha256": sha256_file(shard_dir / video),
-        "latents": latents,
-        "noise": noise,
-        "index": sample.index,
-        "prompt_id": sample.prompt_id,
-        "fingerprint": fingerprint,
+        Manifest.ID: sample.id,
+        Manifest.PROMPT: sample.prompt,
+        Manifest.NEGATIVE_PROMPT: plan.params.model.negative_prompt,
+        Manifest.SEED: sample.seed,
+        Manifest.STEPS: cfg.num_inference_steps,
+        Manifest.GUIDANCE: cfg.guidance_scale,
+        Manifest.SHIFT: flow_shift(plan.params),
+        Manifest.FRAMES: cfg.num_frames,
+        Manifest.FPS: cfg.fps,
+        Manifest.WIDTH: cfg.width,
+        Manifest.HEIGHT: cfg.height,
+        Manifest.TEACHER: plan.params.model.pretrained_model_name_or_path,
+        Manifest.TEACHER_REVISION: plan.teacher_revision,
+        Manifest.VIDEO: video,
+        Manifest.SHA256: sha256_file(shard_dir / video),
+        Manifest.LATENTS: latents,
+        Manifest.NOISE: noise,
+        Manifest.INDEX: sample.index,
+        Manifest.PROMPT_ID: sample.prompt_id,
+        Manifest.FINGERPRINT: fingerprint,
     }
 
 
@@ -513,7 +445,7 @@ def write_manifest(plan: GenerationPlan) -> pd.DataFrame:
     for shard in range(plan.num_shards):
         if plan.status(shard) == "complete":
             table = pd.read_parquet(plan.shard_dir(shard) / MANIFEST)
-            table.insert(0, "shard", shard)
+            table.insert(0, MANIFEST_SHARD, shard)
             tables.append(table)
     beyond = sorted(
         p.name
@@ -529,7 +461,9 @@ def write_manifest(plan: GenerationPlan) -> pd.DataFrame:
             beyond[0],
         )
     manifest = (
-        pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["shard", *MANIFEST_COLUMNS])
+        pd.concat(tables, ignore_index=True)
+        if tables
+        else pd.DataFrame(columns=[MANIFEST_SHARD, *MANIFEST_COLUMNS])
     )
     write_parquet(plan.output_dir / MANIFEST, manifest)
     return manifest

@@ -1,9 +1,10 @@
 """Prompt libraries: the captions a teacher is asked to draw.
 
 A library is a txt file (one caption per line, blank lines skipped), a jsonl file (one object per line with a
-`prompt`, `caption` or `text` field and an optional `id`; a bare JSON string also counts) or a parquet table
-(a `prompt`, `caption` or `text` column and an optional `id` column). Without ids, a prompt's id is its position
-in the library. `toy` means the toy world's training captions.
+`prompt`, `caption` or `text` field and an optional `id`; a bare JSON string also counts), a json file (a list of
+prompts, or an object of id → prompt, prompts kept verbatim) or a parquet table (a `prompt`, `caption` or `text`
+column and an optional `id` column). Without ids, a prompt's id is its position in the library. `toy` means the
+toy world's captions (its training captions unless a stage asks for the held-out ones).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dmd.core.config import ToyConfig
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("prompt", "caption", "text")
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 class PromptLibraryError(ValueError):
@@ -35,25 +36,33 @@ class Prompt:
     row: int  # where it came from: line number (txt, jsonl) or row index (parquet), for messages
 
 
-def load_prompt_library(source: str, toy: ToyConfig | None = None) -> list[Prompt]:
-    """The prompts of `source` ('toy' or a file), checked: not empty, no blank prompt, no duplicate id."""
+def load_prompt_library(
+    source: str, toy: ToyConfig | None = None, setting: str = "generate.prompts", toy_split: str = "train"
+) -> list[Prompt]:
+    """The prompts of `source` ('toy' or a file), checked: not empty, no blank prompt, no duplicate id. `setting`
+    is the key that named `source`, for messages; `toy_split` the toy world's captions 'toy' means."""
     if source == "toy":
         from dmd.toy.world import ToyWorld
 
-        captions = ToyWorld(toy or ToyConfig()).captions("train")
+        captions = ToyWorld(toy or ToyConfig()).captions(toy_split)
         return _checked("toy world", [Prompt(str(i), c, i) for i, c in enumerate(captions)])
     path = Path(source)
     if not path.is_file():
         raise PromptLibraryError(
-            f"generate.prompts: {path} not found; give a .txt, .jsonl or .parquet file, or 'toy'"
+            f"{setting}: {path} not found; give a {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} file, or 'toy'"
         )
-    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise PromptLibraryError(
-            f"generate.prompts: {path} has suffix '{path.suffix}'; use one of {', '.join(SUFFIXES)}"
+            f"{setting}: {path} has suffix '{path.suffix}'; use one of {', '.join(SUFFIXES)}"
         )
     return _checked(str(path), reader(path))
+
+
+def positional(prompts: list[Prompt]) -> bool:
+    """Whether the library gave no ids (each prompt's id is its position)."""
+    return all(p.id == str(i) for i, p in enumerate(prompts))
 
 
 def _read_utf8(path: Path) -> str:
@@ -95,6 +104,26 @@ def _read_jsonl(path: Path) -> list[Prompt]:
         pid = item.get("id", len(prompts))
         prompts.append(Prompt(str(pid), text.strip(), n))
     return prompts
+
+
+def _read_json(path: Path) -> list[Prompt]:
+    try:
+        data = json.loads(_read_utf8(path))
+    except json.JSONDecodeError as e:
+        raise PromptLibraryError(f"{path}: not valid JSON ({e})") from None
+    items = (
+        list(data.items())
+        if isinstance(data, dict)
+        else list(enumerate(data))
+        if isinstance(data, list)
+        else []
+    )
+    if not items or not all(isinstance(text, str) and text for _, text in items):
+        raise PromptLibraryError(
+            f"{path}: expected a non-empty list of prompts or an object of name → prompt (strings), "
+            f'e.g. {{"red": "a red square moving right slowly"}}'
+        )
+    return [Prompt(str(pid), text, n) for n, (pid, text) in enumerate(items)]
 
 
 def _read_parquet(path: Path) -> list[Prompt]:

@@ -1,11 +1,12 @@
 """DMD (Distribution Matching Distillation): the losses as small pure functions, and `DMDMethod`, which runs
 one step of them on the three roles (DESIGN.md, "DMD, one training step").
 
-The method computes losses and metrics only; the training loop owns backward passes and optimizer steps:
+The method computes losses and metrics only; the training loop (dmd/training/loop.py) owns backward passes,
+clipping and optimizer steps, and runs one step in this order:
 
-    if method.updates_generator(step):
-        loss, m = method.generator_loss(batch, gen); loss.backward(); ...; student_opt.step()
-    loss, m = method.critic_loss(batch, gen); loss.backward(); method.clip_critic_gradients(); critic_opt.step()
+    if method.updates_generator(step):   # the student first, on steps 0, n, 2n, …
+        student.update(method.generator_loss, micro_batches)   # backward, average, clip, step; then the EMA
+    critic.update(method.critic_loss, micro_batches)            # every step, after the student's update
 
 With `critic_reuses_generator_rollout` the critic's loss on a batch the generator's loss has just seen trains on
 that step's rollout, detached, instead of rolling the student out again. The mode-coverage terms (regression,
@@ -119,7 +120,8 @@ class _Rollout:
 
 
 class DMDMethod:
-    """One DMD step on `roles`: `critic_loss` every step, `generator_loss` when `updates_generator(step)`.
+    """One DMD step on `roles`: `generator_loss` when `updates_generator(step)`, then `critic_loss` every step;
+    the student rolls out along `schedule`.
 
     `negative_prompt_embeds` (1, L, D) are the unconditional side of both scores' CFG (as the teacher's own
     sampling used them); `empty_prompt_embeds` (1, L, D) replace a sample's prompt with probability
@@ -130,18 +132,19 @@ class DMDMethod:
         self,
         params: Params,
         roles: Roles,
+        schedule: RolloutSchedule,
         negative_prompt_embeds: torch.Tensor,
         empty_prompt_embeds: torch.Tensor,
     ):
         self.params = params
         self.config = params.train.distillation_config
         self.roles = roles
-        self.schedule = RolloutSchedule.from_params(params)
+        self.schedule = schedule
         self.score_range = ScoreTimestepRange.from_config(self.config)
         self.device = roles.base.scale_shift_table.device
         self.negative_prompt_embeds = negative_prompt_embeds.to(self.device, torch.float32)
         self.empty_prompt_embeds = empty_prompt_embeds.to(self.device, torch.float32)
-        self.caption_dropout_probability = params.train.caption_dropout_probability
+        self.caption_dropout_probability = params.train.batch.caption_dropout_probability
         self._reusable: dict[int, _Rollout] = {}
         self.gan_tap: FeatureTap | None = None
         self.gan_head: ClassificationHead | None = None
@@ -167,24 +170,6 @@ class DMDMethod:
         """The critic's weights, and the GAN head's when there is one: it trains beside the critic."""
         head = list(self.gan_head.parameters()) if self.gan_head is not None else []
         return self.roles.critic_parameters() + head
-
-    def critic_optimizer(self) -> torch.optim.AdamW:
-        """The critic's own AdamW, from fake_score_lr / _weight_decay / _betas / _eps."""
-        c = self.config
-        return torch.optim.AdamW(
-            self.critic_parameters(),
-            lr=c.fake_score_lr,
-            weight_decay=c.fake_score_weight_decay,
-            betas=tuple(c.fake_score_betas),
-            eps=c.fake_score_eps,
-        )
-
-    def clip_critic_gradients(self) -> float:
-        """Clip the critic's gradient norm to fake_score_grad_clip (0: no clipping); returns the norm before."""
-        params = [p for p in self.critic_parameters() if p.grad is not None]
-        limit = self.config.fake_score_grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, limit if limit > 0 else float("inf"))
-        return float(norm)
 
     def generator_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """L = L_dmd (+ regression_loss_weight · L_reg); the gradient reaches only the student's exit steps."""
@@ -346,7 +331,7 @@ class DMDMethod:
         """Keep a generator step's rollout for the critic's step on the same batch: at most one step's micro-batches,
         so a generator step whose critic step never came leaves nothing behind."""
         self._reusable[id(kept.batch)] = kept
-        while len(self._reusable) > self.params.train.gradient_accumulation_steps:
+        while len(self._reusable) > self.params.train.batch.gradient_accumulation_steps:
             self._reusable.pop(next(iter(self._reusable)))
 
     def _teacher_noise(self, cond: _Conditioning, key: str) -> torch.Tensor:

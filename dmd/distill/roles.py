@@ -168,7 +168,7 @@ def make_roles(
     `quantize_base` (an int8-quanto base) runs after the full copies are taken, so a full student or a full-copy
     critic trains float weights while the teacher and the adapters' base are int8."""
     dc = train.distillation_config
-    full_student = train.model_type == "full"
+    full_student = train.student.model_type == "full"
     lora_critic = dc.fake_score_lora_rank is not None
     base.eval().requires_grad_(False)
     student_copy = critic_copy = None
@@ -182,7 +182,7 @@ def make_roles(
         # a second adapter on one model is the point here, not an accident
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         if not full_student:
-            add_lora(base, train.lora_rank, train.lora_alpha, STUDENT_ADAPTER)
+            add_lora(base, train.student.lora_rank, train.student.lora_alpha, STUDENT_ADAPTER)
         if lora_critic:
             alpha = (
                 dc.fake_score_lora_alpha if dc.fake_score_lora_alpha is not None else dc.fake_score_lora_rank
@@ -191,7 +191,7 @@ def make_roles(
     roles = Roles(base, student_copy, critic_copy)
     log.info(
         "roles: student=%s (%d params), critic=%s (%d params), real score = base with adapters off",
-        "full copy" if full_student else f"LoRA r{train.lora_rank}",
+        "full copy" if full_student else f"LoRA r{train.student.lora_rank}",
         sum(p.numel() for p in roles.student_parameters()),
         "full copy" if not lora_critic else f"LoRA r{dc.fake_score_lora_rank}",
         sum(p.numel() for p in roles.critic_parameters()),
@@ -208,6 +208,9 @@ def build_roles(params: Params, device: str | torch.device = "cpu") -> Roles:
     if model.base_model_precision != "int8-quanto":
         return make_roles(load_transformer(model, device), params.train)
     base = load_transformer(
-        model, device, int8_float_dtype=MIXED_PRECISION_DTYPES[params.train.mixed_precision], quantize=False
+        model,
+        device,
+        int8_float_dtype=MIXED_PRECISION_DTYPES[params.train.run.mixed_precision],
+        quantize=False,
     )
     return make_roles(base, params.train, quantize_base=lambda m: place_int8(m, model.quantize_via, device))

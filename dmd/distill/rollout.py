@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dmd.core.config import time_block_problem
 from dmd.core.flow_matching import add_noise, sigma_to_timestep, timestep_to_sigma, x0_from_velocity
 from dmd.core.noise import randn
 from dmd.distill.schedule import denoising_sigmas
@@ -54,15 +55,10 @@ class RolloutSchedule:
 
     def block_ranges(self, num_frames: int) -> list[tuple[int, int]]:
         """[(start, end)) latent-frame ranges of the blocks of a clip with `num_frames` latent frames."""
+        problem = time_block_problem(num_frames, self.num_frame_per_block, self.independent_first_frame)
+        if problem:
+            raise ValueError(f"{problem} (a clip of {num_frames} latent frames)")
         first = 1 if self.independent_first_frame and num_frames > 1 else 0
-        rest = num_frames - first
-        if rest % self.num_frame_per_block:
-            ok = [b for b in range(1, rest + 1) if rest % b == 0]
-            raise ValueError(
-                f"train.distillation_config.num_frame_per_block={self.num_frame_per_block} does not divide the "
-                f"{rest} latent frames of this clip{' after the independent first frame' if first else ''}; "
-                f"use one of {ok}"
-            )
         ranges = [(0, 1)] if first else []
         ranges += [
             (s, s + self.num_frame_per_block) for s in range(first, num_frames, self.num_frame_per_block)

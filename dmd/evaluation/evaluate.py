@@ -21,7 +21,6 @@ Quality: the toy judge on toy prompts; a Fréchet distance to the full teacher's
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,10 @@ import numpy as np
 import torch
 
 from dmd.core.config import Params
-from dmd.core.io import write_json
-from dmd.core.noise import initial_noise
+from dmd.core.io import remove_stale_temporaries, write_json
 from dmd.core.progress import Progress
 from dmd.core.video import write_video
+from dmd.data.prompts import PromptLibraryError, load_prompt_library
 from dmd.evaluation.metrics import (
     FeatureModel,
     NFECounter,
@@ -50,6 +49,9 @@ from dmd.evaluation.metrics import (
     video_features,
 )
 from dmd.evaluation.reference import TeacherReference, teacher_identity
+from dmd.wan.decode import LatentDecoder
+from dmd.wan.device import pick_device
+from dmd.wan.latents import LatentGeometry, initial_noise
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ TEACHER_RUNS = ("teacher_full", "teacher_few")  # the runs whose clips the teach
 RUN_LABELS = {"teacher_full": "teacher full", "teacher_few": "teacher few-step", "student": "student"}
 DETAILS = "eval_details.json"  # beside eval.md: every figure of every run, as score_runs made them
 HEADLINE_JUDGE = ("accuracy_all", "sharpness", "fd", "diversity", "motion_consistency")
-# variety across seeds, with its spread over seeds (dmd.evaluation.metrics.start_position_variety), for teacher and student
+# variety across seeds, with its spread over seeds (dmd.toy.variety.start_position_variety), for teacher and student
 HEADLINE_VARIETY = ("diversity", "diversity_spread", "pairwise_diversity", "pairwise_diversity_spread")
 
 
@@ -104,29 +106,14 @@ class VideoSpec:
 
 
 def load_prompts(params: Params) -> list[str]:
-    """The toy world's held-out captions, or a JSON prompt library: a list of prompts or {name: prompt}."""
-    source = params.evaluate.prompts
-    if source == "toy":
-        from dmd.toy.world import ToyWorld
-
-        return ToyWorld(params.toy).captions("held_out")
-    path = Path(source)
-    if not path.is_file():
-        raise EvaluationError(
-            f"evaluate.prompts='{source}': no such file; use 'toy' or a JSON prompt library "
-            '(a list of prompts or {"name": "prompt", ...})'
-        )
+    """`evaluate.prompts`: the toy world's held-out captions, or a prompt library (dmd.data.prompts)."""
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{path}: not valid JSON ({e}); fix it or set evaluate.prompts") from None
-    prompts = list(data.values()) if isinstance(data, dict) else data
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise EvaluationError(
-            f"{path}: expected a non-empty list of prompts or an object of name → prompt (strings), "
-            f'e.g. {{"red": "a red square moving right slowly"}}'
+        library = load_prompt_library(
+            params.evaluate.prompts, params.toy, setting="evaluate.prompts", toy_split="held_out"
         )
-    return prompts
+    except PromptLibraryError as e:
+        raise EvaluationError(str(e)) from None
+    return [p.text for p in library]
 
 
 def eval_items(prompts: list[str], seed: int, num_seeds: int) -> list[EvalItem]:
@@ -145,54 +132,17 @@ def plan(params: Params) -> list[EvalItem]:
     return items
 
 
-def latent_shape(transformer, vae, video: VideoSpec) -> tuple[int, int, int, int, int]:
-    """(1, C, T, H, W) of the transformer's latents for a video of this size, as WanPipeline lays them out."""
-    spatial = vae.config.scale_factor_spatial
-    temporal = vae.config.scale_factor_temporal
-    patch = transformer.config.patch_size
-    if video.height % (spatial * patch[1]) or video.width % (spatial * patch[2]):
-        raise EvaluationError(
-            f"video size {video.height}×{video.width} must be a multiple of {spatial * patch[1]} "
-            "(VAE × patch); set evaluate.height / evaluate.width"
-        )
-    if (video.num_frames - 1) % temporal:
-        raise EvaluationError(f"evaluate.num_frames={video.num_frames} must be {temporal}k+1")
-    return (
-        1,
-        transformer.config.in_channels,
-        (video.num_frames - 1) // temporal + 1,
-        video.height // spatial,
-        video.width // spatial,
-    )
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def video_noise_shape(transformer, vae, video: VideoSpec) -> tuple[int, int, int, int, int]:
+    """(1, C, T, H, W) of the initial noise of one video of this size, as WanPipeline lays latents out."""
+    geometry = LatentGeometry.of(transformer, vae)
+    problem = geometry.size_problem(video.height, video.width, video.num_frames)
+    if problem is not None:
+        raise EvaluationError(f"{problem}; set evaluate.height / evaluate.width / evaluate.num_frames")
+    return (1, *geometry.latent_shape(video.height, video.width, video.num_frames))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Samplers: prompt → embeddings → latents; one decoder for all
-
-
-class LatentDecoder:
-    """Normalised latents → uint8 (B, T, H, W, 3) frames, exactly as WanPipeline decodes (`z = x·std + mean`)."""
-
-    def __init__(self, vae):
-        from diffusers.video_processor import VideoProcessor
-
-        self.vae = vae
-        self.processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
-        z_dim = vae.config.z_dim
-        self.mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
-
-    @torch.no_grad()
-    def __call__(self, latents_BCTHW: torch.Tensor) -> np.ndarray:
-        z = latents_BCTHW.to(self.vae.dtype)
-        z = z * self.std.to(z) + self.mean.to(z)
-        video = self.vae.decode(z, return_dict=False)[0]
-        frames = self.processor.postprocess_video(video, output_type="np")
-        return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+# Samplers: prompt → embeddings → latents (the teacher's is dmd.wan.sampler.TeacherSampler); one decoder for all
 
 
 class Sampler(Protocol):
@@ -203,49 +153,6 @@ class Sampler(Protocol):
     def denoise(
         self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int
     ) -> torch.Tensor: ...
-
-
-class TeacherSampler:
-    """The teacher as diffusers runs it: `WanPipeline` with its scheduler, CFG when guidance > 1."""
-
-    def __init__(self, pipe, steps: int, guidance: float, negative_prompt: str, max_sequence_length: int):
-        self.pipe = pipe
-        self.transformer = pipe.transformer
-        self.steps = steps
-        self.guidance = guidance
-        self.negative_prompt = negative_prompt
-        self.max_sequence_length = max_sequence_length
-        pipe.set_progress_bar_config(disable=True)
-
-    def encode(self, prompt: str) -> dict[str, torch.Tensor]:
-        from dmd.wan.loading import encode_prompts
-
-        def enc(text: str) -> torch.Tensor:
-            return encode_prompts(
-                self.pipe.tokenizer, self.pipe.text_encoder, [text], self.max_sequence_length
-            )
-
-        embeds = {"prompt_embeds": enc(prompt)}
-        if self.guidance > 1:  # WanPipeline's own condition for CFG
-            embeds["negative_prompt_embeds"] = enc(self.negative_prompt)
-        return embeds
-
-    @torch.no_grad()
-    def denoise(self, embeds: dict[str, torch.Tensor], noise_BCTHW: torch.Tensor, seed: int) -> torch.Tensor:
-        _, _, t, h, w = noise_BCTHW.shape
-        vae_cfg = self.pipe.vae.config
-        return self.pipe(
-            prompt_embeds=embeds["prompt_embeds"],
-            negative_prompt_embeds=embeds.get("negative_prompt_embeds"),
-            height=h * vae_cfg.scale_factor_spatial,
-            width=w * vae_cfg.scale_factor_spatial,
-            num_frames=(t - 1) * vae_cfg.scale_factor_temporal + 1,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance,
-            latents=noise_BCTHW,
-            output_type="latent",
-            return_dict=False,
-        )[0]
 
 
 class StudentSampler:
@@ -424,37 +331,8 @@ def run_samplers(
     return out
 
 
-def load_teacher_pipeline(params: Params, device: torch.device):
-    """WanPipeline of the teacher: components through dmd.wan.loading (precision, int8), the scheduler from its directory
-    with the shift of `model.flow_schedule_shift`."""
-    from diffusers import WanPipeline
-
-    from dmd.wan.loading import load_text_encoder, load_transformer, load_vae
-
-    cfg = params.model
-    tokenizer, text_encoder = load_text_encoder(cfg, device)
-    pipe = WanPipeline.from_pretrained(
-        cfg.pretrained_model_name_or_path,
-        revision=cfg.revision,
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        transformer=load_transformer(cfg, device),
-        vae=load_vae(cfg, device),
-    )
-    pipe.scheduler = scheduler_with_shift(pipe.scheduler, cfg.flow_schedule_shift)
-    return pipe
-
-
-def scheduler_with_shift(scheduler, shift: float):
-    """The scheduler rebuilt with `shift` (FlowMatchEuler's `shift`, UniPC's `flow_shift`)."""
-    for key in ("shift", "flow_shift"):
-        if key in scheduler.config:
-            return scheduler.__class__.from_config(scheduler.config, **{key: shift})
-    return scheduler
-
-
 def student_dir(params: Params) -> Path:
-    return Path(params.evaluate.student_dir or params.train.output_dir)
+    return Path(params.evaluate.student_dir or params.train.run.output_dir)
 
 
 def read_student_card(params: Params) -> dict:
@@ -509,19 +387,21 @@ def run_all(
     A teacher run whose every clip is in the teacher reference (`dmd.evaluation.reference`) takes its clips from there
     and is sampled on the first `evaluate.timed_reference_videos` items only; a run sampled in full is stored
     there. Entries no current item refers to are then removed."""
+    from dmd.wan.sampler import TeacherSampler, load_teacher_pipeline
+
     ev = params.evaluate
     read_student_card(params)  # a missing student fails before the teacher is loaded
-    pipe = load_teacher_pipeline(params, device)
+    pipe = load_teacher_pipeline(params.model, device, params.model.flow_schedule_shift)
     student, info = load_student_sampler(params, device, pipe.tokenizer, pipe.text_encoder)
     video = VideoSpec.from_params(params)
     teacher = {
         name: TeacherSampler(
-            pipe, steps, ev.teacher_guidance, params.negative_prompt, params.model.max_sequence_length
+            pipe, steps, ev.teacher_guidance, params.model.negative_prompt, params.model.max_sequence_length
         )
         for name, steps in zip(TEACHER_RUNS, (ev.teacher_steps, student.steps))
     }
-    noise_shape = latent_shape(pipe.transformer, pipe.vae, video)
-    reference = TeacherReference(ev.teacher_reference_dir, teacher_identity(params, noise_shape, device))
+    shape = video_noise_shape(pipe.transformer, pipe.vae, video)
+    reference = TeacherReference(ev.teacher_reference_dir, teacher_identity(params, shape, device))
     stored = {
         name: clips
         for name, sampler in teacher.items()
@@ -532,7 +412,7 @@ def run_all(
         {**teacher, "student": student},
         LatentDecoder(pipe.vae),
         items,
-        noise_shape,
+        shape,
         device,
         ev.warmup,
         Path(ev.videos_dir),
@@ -679,10 +559,14 @@ def _plain(value):
 # The stage
 
 
-def run_label(run: RunOutput) -> str:
-    """e.g. 'teacher full (50 steps, CFG 3)'."""
-    cfg = f", CFG {run.guidance:g}" if run.guidance > 1 else ""
-    return f"{RUN_LABELS[run.name]} ({run.steps} steps{cfg})"
+def run_labels(metrics: dict) -> dict[str, str]:
+    """Each run's label, e.g. 'teacher full (50 steps, CFG 3)'."""
+    labels = {}
+    for name in RUNS:
+        guidance = metrics[name]["guidance"]
+        cfg = f", CFG {guidance:g}" if guidance > 1 else ""
+        labels[name] = f"{RUN_LABELS[name]} ({metrics[name]['steps']} steps{cfg})"
+    return labels
 
 
 def headline(metrics: dict) -> dict:
@@ -733,7 +617,7 @@ def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutp
         prompts=[items[i].prompt for i in first_seed],
         clips={name: [runs[name].clips[i] for i in first_seed] for name in RUNS},
         videos={name: [(it.stem, p) for it, p in zip(items, runs[name].videos)] for name in RUNS},
-        labels={name: run_label(runs[name]) for name in RUNS},
+        labels=run_labels(metrics),
         fps=VideoSpec.from_params(params).fps,
         grid_frames=ev.grid_frames,
     )
@@ -741,11 +625,14 @@ def write_outputs(params: Params, items: list[EvalItem], runs: dict[str, RunOutp
 
 def evaluate(params: Params, progress: bool = True) -> dict:
     """Run the three runs, score them, write metrics, videos and the report; return the metrics."""
+    for folder in (params.evaluate.report_dir, params.evaluate.videos_dir):  # what a killed run was writing
+        remove_stale_temporaries(folder)
     device = pick_device()
     items = plan(params)
     runs = run_all(params, items, device, progress)
     metrics = score_runs(params, items, runs, device)
     write_outputs(params, items, runs, metrics)
+    log_summary(metrics)
     return metrics
 
 

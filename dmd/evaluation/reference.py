@@ -23,7 +23,7 @@ from dmd.core.io import remove_stale_temporaries, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # raised when what a file holds, or how its key is made, changes
+FORMAT_VERSION = 2  # raised when what a file holds, or how its key is made, changes
 FRAMES = "frames"
 SUFFIX = ".safetensors"
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.safetensors$")
@@ -46,7 +46,7 @@ def teacher_identity(params: Params, noise_shape: tuple[int, ...], device: torch
         "attention_mechanism": model.attention_mechanism,
         "flow_shift": model.flow_schedule_shift,
         "max_sequence_length": model.max_sequence_length,
-        "negative_prompt": params.negative_prompt,
+        "negative_prompt": params.model.negative_prompt,
         "noise_shape": list(noise_shape),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "torch": torch.__version__,

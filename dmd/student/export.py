@@ -37,7 +37,14 @@ from dmd.core.io import atomic_dir, write_json, write_text
 from dmd.distill.rollout import RolloutSchedule
 from dmd.distill.schedule import denoising_sigmas
 from dmd.student.sample import pipeline_arguments
-from dmd.wan.loading import DTYPE_NAMES, DTYPES, MIXED_PRECISION_DTYPES, WAN_INT8_EXCLUDE, load_transformer
+from dmd.wan.loading import (
+    DTYPE_NAMES,
+    DTYPES,
+    MIXED_PRECISION_DTYPES,
+    WAN_INT8_EXCLUDE,
+    load_transformer,
+    load_transformer_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +113,8 @@ def student_card(
         "format": "dmd-student/1",
         "distillation_method": train.distillation_method,
         "model_family": params.model.model_family,
-        "model_type": train.model_type,
-        "lora_type": train.lora_type if train.model_type == "lora" else None,
+        "model_type": train.student.model_type,
+        "lora_type": train.student.lora_type if train.student.model_type == "lora" else None,
         "num_steps": schedule.num_steps,
         "dmd_denoising_steps": list(dc.dmd_denoising_steps),
         "warp_denoising_steps": dc.warp_denoising_steps,
@@ -122,11 +129,11 @@ def student_card(
         "teacher_revision": params.model.revision,
         # a LoRA learns against the base's own weights: an int8 one is loaded on the same int8 base (student_base)
         "base_model_precision": params.model.base_model_precision,
-        "int8_float_dtype": DTYPE_NAMES[MIXED_PRECISION_DTYPES[train.mixed_precision]] if int8 else None,
-        "lora_rank": train.lora_rank if train.model_type == "lora" else None,
-        "lora_alpha": train.lora_alpha if train.model_type == "lora" else None,
+        "int8_float_dtype": DTYPE_NAMES[MIXED_PRECISION_DTYPES[train.run.mixed_precision]] if int8 else None,
+        "lora_rank": train.student.lora_rank if train.student.model_type == "lora" else None,
+        "lora_alpha": train.student.lora_alpha if train.student.model_type == "lora" else None,
         "ema": ema,
-        "ema_decay": train.ema_decay if ema else None,
+        "ema_decay": train.ema.ema_decay if ema else None,
         "train_steps": step,
         "guidance": 1.0,
     }
@@ -148,7 +155,7 @@ def export_student(
         path = out / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
-    if params.train.model_type == "lora":
+    if params.train.student.model_type == "lora":
         from peft.utils import get_peft_model_state_dict
 
         layers = get_peft_model_state_dict(transformer, adapter_name=STUDENT_ADAPTER)
@@ -373,10 +380,8 @@ def load_student(student_dir: str | Path, params: Params) -> tuple[WanTransforme
     student_dir = Path(student_dir)
     card = read_card(student_dir)
     if card["model_type"] == "full":
-        # at the base's precision, as a LoRA student's base is loaded (diffusers upcasts to float32 otherwise)
-        transformer = WanTransformer3DModel.from_pretrained(
-            student_dir, subfolder="transformer", torch_dtype=DTYPES.get(params.model.base_model_precision)
-        )
+        # at the base's precision, as a LoRA student's base is loaded
+        transformer = load_transformer_folder(student_dir, params.model.base_model_precision)
     else:
         model, int8_float_dtype = student_base(card, params.model)
         transformer = load_transformer(model, int8_float_dtype=int8_float_dtype)

@@ -1,7 +1,7 @@
 """`dmd sample`: videos from an exported student, and the few-step generation that validation and evaluation share.
 
 Seeding: `--seed N` seeds one CPU generator that draws the initial noise and then the re-noising between steps,
-in that order, per prompt; each draw is made on the CPU and moved to the model's device (`dmd.core.noise`), so a GPU
+in that order, per prompt; each draw is made on the CPU and moved to the model's device (`dmd.wan.latents`), so a GPU
 gives the video the CPU gives. diffusers' `WanPipeline` with the student's shipped scheduler draws the same stream
 when it gets that generator both as `generator=` and in `scheduler.step` (the model card's snippet), so both produce
 the same video for a single-block student.
@@ -18,32 +18,23 @@ import numpy as np
 import torch
 
 from dmd.core.flow_matching import classifier_free_guidance
-from dmd.core.noise import randn
 from dmd.distill.rollout import RolloutSchedule, VelocityFn, sample, transformer_velocity
+from dmd.wan.device import pick_device
+from dmd.wan.latents import LatentGeometry, seeded_initial_noise
 
 log = logging.getLogger(__name__)
 
 
-def latent_shape(
-    transformer, vae, height: int, width: int, num_frames: int
-) -> tuple[int, int, int, int, int]:
-    """(1, C, T, H, W) of the latents of one video, laid out as WanPipeline lays them out."""
-    spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
-    patch = transformer.config.patch_size
-    if height % (spatial * patch[1]) or width % (spatial * patch[2]):
-        raise ValueError(
-            f"video size {width}x{height} must be a multiple of {spatial * patch[1]} (VAE × patch); "
-            "set train.validation_resolution"
-        )
-    if (num_frames - 1) % temporal:
-        raise ValueError(f"train.validation_num_video_frames={num_frames} must be {temporal}k+1")
-    return (
-        1,
-        transformer.config.in_channels,
-        (num_frames - 1) // temporal + 1,
-        height // spatial,
-        width // spatial,
-    )
+def video_latent_shape(params, transformer, vae) -> tuple[int, int, int, int, int]:
+    """(1, C, T, H, W) of the latents of one video of `train.validation_resolution` /
+    `_num_video_frames` (what `dmd sample` and validation make), laid out as WanPipeline lays them out."""
+    cfg = params.train
+    height, width = cfg.validation.validation_size
+    geometry = LatentGeometry.of(transformer, vae)
+    problem = geometry.size_problem(height, width, cfg.validation.validation_num_video_frames)
+    if problem is not None:
+        raise ValueError(f"{problem}; set train.validation_resolution / train.validation_num_video_frames")
+    return (1, *geometry.latent_shape(height, width, cfg.validation.validation_num_video_frames))
 
 
 def guided_velocity(transformer, negative_embeds_1LD: torch.Tensor, scale: float) -> VelocityFn:
@@ -76,8 +67,7 @@ def generate_latents(
 ) -> torch.Tensor:
     """One video's latents: initial noise and re-noising from one CPU generator seeded `seed`."""
     device = next(transformer.parameters()).device
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = randn(shape, generator, device)
+    noise, generator = seeded_initial_noise(seed, shape, device)
     model = (
         transformer
         if negative_embeds_1LD is None
@@ -94,13 +84,13 @@ def video_stem(index: int, prompt: str, seed: int) -> str:
 def pipeline_arguments(params) -> dict:
     """The videos `dmd sample` makes, as `WanPipeline.__call__` arguments (the model card's snippet passes them):
     `train.validation_resolution` / `_num_video_frames`, CFG `validation_guidance` against
-    `validation_negative_prompt` when above 1, and `model.max_sequence_length`."""
+    `model.negative_prompt` when above 1, and `model.max_sequence_length`."""
     cfg = params.train
-    height, width = cfg.validation_size
-    arguments = {"height": height, "width": width, "num_frames": cfg.validation_num_video_frames}
-    if cfg.validation_guidance > 1:
+    height, width = cfg.validation.validation_size
+    arguments = {"height": height, "width": width, "num_frames": cfg.validation.validation_num_video_frames}
+    if cfg.validation.validation_guidance > 1:
         arguments.update(
-            guidance_scale=cfg.validation_guidance, negative_prompt=cfg.validation_negative_prompt
+            guidance_scale=cfg.validation.validation_guidance, negative_prompt=params.model.negative_prompt
         )
     else:
         arguments["guidance_scale"] = 1.0
@@ -112,18 +102,18 @@ def student_videos(
     params, student_dir: str | Path, prompts: list[str], seed: int
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """(latents, uint8 (T, H, W, 3) frames) of each prompt from the exported student, as `dmd sample` makes them."""
-    from dmd.evaluation.evaluate import LatentDecoder
     from dmd.student.export import load_student
+    from dmd.wan.decode import LatentDecoder
     from dmd.wan.loading import encode_prompts, load_text_encoder, load_vae
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     transformer, schedule = load_student(student_dir, params)
     transformer.to(device)
     tokenizer, text_encoder = load_text_encoder(params.model, device)
     vae = load_vae(params.model, device)
     decode = LatentDecoder(vae)
     arguments = pipeline_arguments(params)
-    shape = latent_shape(transformer, vae, arguments["height"], arguments["width"], arguments["num_frames"])
+    shape = video_latent_shape(params, transformer, vae)
     length = arguments["max_sequence_length"]
     negative = None
     if "negative_prompt" in arguments:

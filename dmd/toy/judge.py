@@ -217,10 +217,10 @@ def _diversity(scores: list[ClipScore], captions, ref_scores: list[ClipScore], r
 
 
 def start_variety(judged: dict, world: ToyWorld, num_resamples: int = 1000) -> dict:
-    """`dmd.evaluation.metrics.start_position_variety` of clips `judge_clips` scored (its per-clip details), against the
+    """`dmd.toy.variety.start_position_variety` of clips `judge_clips` scored (its per-clip details), against the
     world's fixed reference clips of the same captions: diversity and pairwise diversity, each with its spread
     over seeds."""
-    from dmd.evaluation.metrics import start_position_variety
+    from dmd.toy.variety import start_position_variety
 
     captions = [c["caption"] for c in judged["clips"]]
     starts = [c["start_xy"] for c in judged["clips"]]

@@ -1,8 +1,14 @@
-"""Training checkpoints: complete, atomic, rotated, and loadable without pickle.
+"""Training checkpoints: every stateful part registered once, saved complete, atomic, rotated, loadable without
+pickle.
 
-A checkpoint is a folder `checkpoint-NNNNNNN` (the step) under `train.checkpoint_dir` holding one safetensors
-file per tensor group (student, critic, EMA, optimizers, RNG states) and `state.json` (step, data position,
-schedulers, counters, and the structure of the optimizer states with their tensors referenced by name). It is
+Each part of the run that has state (the student's and the critic's weights with their optimizer and schedule,
+the EMA, the data position, the run's counters and settings, the global random generators) exposes
+`state_dict` / `load_state_dict` and is registered once with the `CheckpointManager`; `save(step)` and
+`load_into(path)` then cover all of them.
+
+A checkpoint is a folder `checkpoint-NNNNNNN` (the step) under `train.checkpoint_dir`. The `weights` entry of a
+part's state (name → tensor) goes to `<part>.safetensors`, so weights read alone; everything else goes to
+`state.json`, its tensors (optimizer moments, RNG states) to `state.safetensors`, referenced by name. It is
 written into a hidden temporary folder and renamed into place, so a folder named `checkpoint-*` is always
 complete and a run killed mid-write leaves only a hidden temporary, which the next run removes. Rotation runs
 after the new checkpoint is in place and keeps the newest `checkpoints_total_limit`, so it never deletes the
@@ -20,7 +26,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +47,12 @@ _STALE = re.compile(rf"^\.{PREFIX}\d+(\..*\.tmp|\.old)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says what to do."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,15 +127,62 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class GlobalRNG:
+    """The process's global generators as a checkpointed part: every draw of a step comes from its own generator,
+    but libraries may still draw from these."""
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_rng_state(state)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
 class CheckpointManager:
-    """Save / find / load / rotate the checkpoints under one folder."""
+    """Save / find / load / rotate the checkpoints under one folder, of the parts registered with it."""
 
     def __init__(self, root: str | Path, total_limit: int):
         self.root = Path(root)
         self.total_limit = total_limit
+        self.parts: dict[str, Stateful] = {}
+
+    def register(self, **parts: Stateful | None) -> None:
+        """Parts by name, loaded in this order; a None part is one this run does not have (no EMA)."""
+        self.parts.update({name: part for name, part in parts.items() if part is not None})
+
+    def save(self, step: int) -> Path | None:
+        """Checkpoint `step` of every registered part; None, and nothing written, when any weights are not finite
+        (a checkpoint is a state to go back to)."""
+        weights, state = {}, {}
+        for name, part in self.parts.items():
+            part_state = dict(part.state_dict())
+            if "weights" in part_state:
+                weights[name] = part_state.pop("weights")
+            state[name] = part_state
+        if not all(bool(torch.isfinite(t).all()) for group in weights.values() for t in group.values()):
+            log.warning("step %d: no checkpoint, the weights hold non-finite values", step)
+            return None
+        return self.write(step, weights, state)
+
+    def load_into(self, path: str | Path) -> None:
+        """Load checkpoint `path` into every registered part."""
+        weights, state = self.load(path)
+        for name, part in self.parts.items():
+            if name not in state:
+                raise CheckpointError(
+                    f"{path} holds no {name} state (written by a run without it); resume another checkpoint "
+                    "or start over"
+                )
+            part_state = dict(state[name])
+            if name in weights:
+                part_state["weights"] = weights[name]
+            try:
+                part.load_state_dict(part_state)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: {e}") from e
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -155,8 +214,9 @@ class CheckpointManager:
             )
         return path
 
-    def save(self, step: int, tensor_groups: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
-        """Write checkpoint `step` atomically, then rotate. `state` may hold tensors (they go to safetensors)."""
+    def write(self, step: int, tensor_groups: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
+        """Write checkpoint `step` atomically, then rotate: each tensor group to its own safetensors file, `state`
+        to state.json (its tensors to state.safetensors)."""
         target = self.root / f"{PREFIX}{step:07d}"
         structure, state_tensors = flatten_state(state)
         with atomic_dir(target) as tmp:

@@ -65,18 +65,20 @@ class EMA:
             for p, w in zip(self.params, live):
                 p.copy_(w)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"shadow.{i:05d}": s for i, s in enumerate(self.shadow)}
-        state["num_calls"] = torch.tensor(self.num_calls, dtype=torch.int64)
-        return state
+    def state_dict(self) -> dict:
+        return {
+            "weights": {f"shadow.{i:05d}": s for i, s in enumerate(self.shadow)},
+            "num_calls": self.num_calls,
+        }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        shadows = [state[f"shadow.{i:05d}"] for i in range(len(self.shadow)) if f"shadow.{i:05d}" in state]
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["weights"]
+        shadows = [saved[f"shadow.{i:05d}"] for i in range(len(self.shadow)) if f"shadow.{i:05d}" in saved]
         if len(shadows) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadows, self.shadow)):
             raise ValueError(
                 f"EMA state holds {len(shadows)} tensors, the student has {len(self.shadow)} with other shapes; "
                 "the checkpoint comes from a different model (check train.model_type / lora_rank)"
             )
-        for s, saved in zip(self.shadow, shadows):
-            s.copy_(saved)
+        for s, tensor in zip(self.shadow, shadows):
+            s.copy_(tensor)
         self.num_calls = int(state["num_calls"])

@@ -13,15 +13,18 @@ import os
 from pathlib import Path
 
 from dmd.core.config import TrainConfig
+from dmd.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
 
-class HubPusher:
+class HubPusher(Callback):
+    """Pushes each checkpoint (push_checkpoints_to_hub) and the exported student (push_to_hub)."""
+
     def __init__(self, cfg: TrainConfig, enabled: bool = True):
-        self.push_final = cfg.push_to_hub
-        self.push_checkpoints = cfg.push_checkpoints_to_hub
-        self.repo_id = cfg.hub_model_id
+        self.push_final = cfg.hub.push_to_hub
+        self.push_checkpoints = cfg.hub.push_checkpoints_to_hub
+        self.repo_id = cfg.hub.hub_model_id
         self.reason_skipped = None
         if not enabled or not (self.push_final or self.push_checkpoints):
             self.push_final = self.push_checkpoints = False
@@ -61,6 +64,13 @@ class HubPusher:
         except Exception as e:  # network, auth or quota; the run must go on
             log.warning("push of %s to %s failed: %s", folder.name, self.repo_id, e.__class__.__name__)
             return False
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.push_checkpoint(path)
+
+    def on_train_end(self, run, student_dir: Path | None, error: BaseException | None) -> None:
+        if error is None:
+            self.push_student(student_dir)
 
     def push_checkpoint(self, checkpoint: Path) -> bool:
         if not self.push_checkpoints:

@@ -1,7 +1,8 @@
 """The DMD training run: `train(params) -> exported student dir`.
 
 `train` reads top to bottom in the order of the algorithm; the parts it calls live in optim / ema / checkpoint /
-tracking / webhooks / hub / validation / export. One step = one student update (when
+export. Every stateful part is registered once with the CheckpointManager; every side effect (tracking, progress,
+validation, webhooks, hub pushes) is a callback (dmd/training/callbacks.py). One step = one student update (when
 `updates_generator(step)`), then one critic update, each over `gradient_accumulation_steps` micro-batches of
 `train_batch_size` per process.
 
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 
 from dmd.core.config import Params, TrainConfig, dump
-from dmd.core.progress import Progress
-from dmd.training.optim import TrainableGroup, UpdateResult, build_lr_scheduler, build_optimizer
+from dmd.training.callbacks import Callback, Callbacks, ProgressBar
+from dmd.training.optim import TrainableGroup, UpdateResult, build_groups
 
 log = logging.getLogger("dmd.training.loop")  # the same name under `python -m dmd.training.loop`
 
@@ -63,11 +64,39 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class RunState:
+    """The run's counters, checkpointed with it."""
+
     step: int = 0
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
     wandb_run_id: str | None = None
-    total_steps: int | None = None  # the length the run was planned for (None: a checkpoint that predates it)
+    total_steps: int | None = None  # the length this run is planned for
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "consecutive_nonfinite": self.consecutive_nonfinite,
+                "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_run_id,
+                "total_steps": self.total_steps}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        # the checkpoint's planned length decided whether it may be resumed (`resume`); this run keeps its own
+        self.step = state["step"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.skipped_steps = state["skipped_steps"]
+        self.wandb_run_id = state["wandb_run_id"]
+
+
+class RunSettings:
+    """The settings a checkpoint must share with the run that resumes it: written with every checkpoint and
+    compared by `resume` before anything is loaded, never loaded back."""
+
+    def __init__(self, params: Params, num_processes: int):
+        self.settings = run_settings(params, num_processes)
+
+    def state_dict(self) -> dict:
+        return self.settings
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def train(params: Params, *, progress: bool = True) -> Path:
@@ -76,59 +105,52 @@ def train(params: Params, *, progress: bool = True) -> Path:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from dmd.data.cache import CacheLoader, open_cache
+    from dmd.data.cache.loader import CacheLoader, open_cache
     from dmd.distill.method import DMDMethod
     from dmd.distill.roles import build_roles
+    from dmd.distill.rollout import RolloutSchedule
     from dmd.student.export import export_student
-    from dmd.training.checkpoint import CheckpointManager
+    from dmd.training.checkpoint import CheckpointManager, GlobalRNG
     from dmd.training.ema import EMA
-    from dmd.training.hub import HubPusher
-    from dmd.training.tracking import Tracker
-    from dmd.training.webhooks import Notifier
 
     cfg = params.train
     if not torch.distributed.is_initialized():
         # accelerate keeps the first Accelerator's precision for the whole process; a process that trains twice
         # (a Prefect worker, a notebook) with another `mixed_precision` would be refused without this reset
         AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=cfg.run.mixed_precision, cpu=not torch.cuda.is_available())
     main = acc.is_main_process
-    set_seed(cfg.seed)  # the same LoRA initialisation on every process
+    set_seed(cfg.run.seed)  # the same LoRA initialisation on every process
     cache = open_cache(params.cache.output_dir)
     roles = build_roles(params, acc.device)
-    if cfg.gradient_checkpointing:
+    if cfg.student.gradient_checkpointing:
         for module in {
             id(m): m for m in (roles.base, roles.student_copy, roles.critic_copy) if m is not None
         }.values():
             module.enable_gradient_checkpointing()
-    method = DMDMethod(params, roles, cache.negative_prompt_embeds, cache.empty_prompt_embeds)
+    schedule = RolloutSchedule.from_params(params)
+    method = DMDMethod(params, roles, schedule, cache.negative_prompt_embeds, cache.empty_prompt_embeds)
     loader = CacheLoader(
-        cache, cfg.train_batch_size, cfg.seed, rank=acc.process_index, world_size=acc.num_processes
+        cache, cfg.batch.train_batch_size, cfg.run.seed, rank=acc.process_index, world_size=acc.num_processes
     )
     total_steps = planned_steps(cfg, loader.batches_per_epoch)
     student, critic = build_groups(params, method, total_steps, acc)
-    ema = EMA(student.params, cfg.ema_decay, cfg.ema_update_interval) if cfg.use_ema else None
-    checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoints_total_limit)
+    ema = EMA(student.params, cfg.ema.ema_decay, cfg.ema.ema_update_interval) if cfg.ema.use_ema else None
+    state = RunState(total_steps=total_steps)
+    checkpoints = CheckpointManager(cfg.checkpoint.checkpoint_dir, cfg.checkpoint.checkpoints_total_limit)
+    checkpoints.register(student=student, critic=critic, ema=ema, loader=loader, run=state,
+                         settings=RunSettings(params, acc.num_processes), rng=GlobalRNG())  # fmt: skip
     held = checkpoints.hold() if main else None  # one run per checkpoint folder; released when this run ends
-    state = resume(params, checkpoints, student, critic, ema, loader, acc.num_processes, main, total_steps)
-    notify = Notifier(cfg.webhook_config, enabled=main)
-    tracker = Tracker(cfg, params.model_dump(mode="json"), start_step=state.step, enabled=main,
-                      wandb_run_id=state.wandb_run_id)  # fmt: skip
-    state.wandb_run_id = tracker.wandb_run_id
-    hub = HubPusher(cfg, enabled=main)
-    validate = Validation(params, acc, roles, ema, tracker, notify) if main and has_validation(cfg) else None
+    resume(params, checkpoints, loader.fingerprint, main, total_steps, student, critic)
+    callbacks = build_callbacks(params, acc, state, schedule, roles, ema, progress)
     data = iter(loader)
-    bar = Progress(total_steps, "train", log, initial=state.step, enabled=main and progress)
-    notify(
-        "start", f"training {state.step}/{total_steps} steps on {acc.num_processes} process(es)", state.step
-    )
+    student_dir = Path(cfg.run.output_dir)
     try:
-        if validate and state.step == 0 and not cfg.disable_benchmark:
-            validate(0)
+        callbacks.on_train_start(state)
         for step in range(state.step, total_steps):
             started = time.perf_counter()
-            batches = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
-            generator = step_generator(cfg.seed, step, acc.process_index)
+            batches = [next(data) for _ in range(cfg.batch.gradient_accumulation_steps)]
+            generator = step_generator(cfg.run.seed, step, acc.process_index)
             updates: dict[str, UpdateResult] = {}
             if method.updates_generator(step):
                 updates["student"] = student.update(
@@ -139,15 +161,15 @@ def train(params: Params, *, progress: bool = True) -> Path:
             updates["critic"] = critic.update(partial(method.critic_loss, generator=generator), batches)
             check_finite(state, updates, step, cfg, checkpoints, main)
             state.step = step + 1
-            scalars = step_scalars(updates, student, critic, state, time.perf_counter() - started)
-            tracker.log(scalars, state.step)
-            bar.update(1, **{k: scalars[k] for k in ("dmd_loss", "fake_score_loss") if k in scalars})
-            if state.step % cfg.checkpoint_step_interval == 0 or state.step == total_steps:
-                save_checkpoint(checkpoints, state, student, critic, ema, loader, params, acc, notify, hub)
-            if validate and state.step % cfg.validation_step_interval == 0:
-                validate(state.step)
+            callbacks.on_log(
+                state.step, step_scalars(updates, student, critic, state, time.perf_counter() - started)
+            )
+            if state.step % cfg.checkpoint.checkpoint_step_interval == 0 or state.step == total_steps:
+                path = save_checkpoint(checkpoints, state, acc, student, critic)
+                if path is not None:
+                    callbacks.on_checkpoint(state.step, path)
+            callbacks.on_step_end(state.step)
             acc.wait_for_everyone()
-        student_dir = Path(cfg.output_dir)
         if main:
             roles.activate_student()
             exports_ema = ema is not None and ema.num_updates > 0
@@ -155,24 +177,21 @@ def train(params: Params, *, progress: bool = True) -> Path:
                 log.warning(
                     "train.ema_update_interval=%d is more than the run's %d student steps: the EMA never folded "
                     "the weights in, so the live weights are exported",
-                    cfg.ema_update_interval,
+                    cfg.ema.ema_update_interval,
                     ema.num_calls,
                 )
             with ema.swapped_in() if exports_ema else contextlib.nullcontext():
                 export_student(
                     roles.student_transformer, params, student_dir, ema=exports_ema, step=state.step
                 )
-            hub.push_student(student_dir)
         acc.wait_for_everyone()
-        notify("finish", f"training finished at step {state.step}; student in {student_dir}", state.step,
-               skipped_steps=state.skipped_steps)  # fmt: skip
-        return student_dir
-    except BaseException as e:
-        notify("failure", f"training failed at step {state.step}: {e.__class__.__name__}: {e}", state.step)
+    except BaseException as error:
+        callbacks.on_train_end(state, None, error)
         raise
+    else:
+        callbacks.on_train_end(state, student_dir, None)
+        return student_dir
     finally:
-        bar.close()
-        tracker.finish()
         acc.end_training()
         if held is not None:
             held.close()
@@ -184,43 +203,41 @@ def train(params: Params, *, progress: bool = True) -> Path:
 
 def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     """The run's length in steps (see the module docstring)."""
-    steps_per_epoch = batches_per_epoch // cfg.gradient_accumulation_steps
-    if cfg.num_train_epochs and steps_per_epoch == 0:
+    steps_per_epoch = batches_per_epoch // cfg.batch.gradient_accumulation_steps
+    if cfg.run.num_train_epochs and steps_per_epoch == 0:
         raise ValueError(
             f"an epoch has {batches_per_epoch} batches per process, fewer than gradient_accumulation_steps="
-            f"{cfg.gradient_accumulation_steps}; lower it or use train.max_train_steps"
+            f"{cfg.batch.gradient_accumulation_steps}; lower it or use train.max_train_steps"
         )
-    by_epochs = cfg.num_train_epochs * steps_per_epoch
-    if cfg.max_train_steps and cfg.num_train_epochs:
-        return cfg.max_train_steps if cfg.ignore_final_epochs else min(cfg.max_train_steps, by_epochs)
-    return cfg.max_train_steps or by_epochs
+    by_epochs = cfg.run.num_train_epochs * steps_per_epoch
+    if cfg.run.max_train_steps and cfg.run.num_train_epochs:
+        return (
+            cfg.run.max_train_steps
+            if cfg.run.ignore_final_epochs
+            else min(cfg.run.max_train_steps, by_epochs)
+        )
+    return cfg.run.max_train_steps or by_epochs
 
 
-def build_groups(params: Params, method, total_steps: int, acc) -> tuple[TrainableGroup, TrainableGroup]:
-    """The student's and the critic's optimizer + schedule + clipping. The critic takes `DMDMethod.critic_optimizer`
-    (fake_score_* keys) unless `optimizer: adamw_bf16` asks for master weights, built from the same keys."""
-    cfg, dc = params.train, params.train.distillation_config
-    student_opt = build_optimizer(method.student_parameters(), cfg.optimizer, cfg.learning_rate)
-    if cfg.optimizer == "adamw":
-        critic_opt = method.critic_optimizer()
-    else:
-        critic_opt = build_optimizer(
-            method.critic_parameters(), cfg.optimizer, dc.fake_score_lr, tuple(dc.fake_score_betas),
-            dc.fake_score_eps, dc.fake_score_weight_decay,
-        )  # fmt: skip
-    if acc.scaler is not None:  # fp16: accelerate's gradient scaler wraps the optimizers
-        student_opt, critic_opt = acc.prepare(student_opt, critic_opt)
-    student_steps = -(-total_steps // dc.generator_update_interval)
-    student = TrainableGroup(
-        "student", method.student_parameters(), student_opt, build_lr_scheduler(student_opt, cfg, student_steps),
-        cfg.grad_clip_method, cfg.max_grad_norm, acc,
-        before_backward=method.roles.activate_student,  # the scores ran last; the recomputed forward is the student's
-    )  # fmt: skip
-    critic = TrainableGroup(
-        "critic", method.critic_parameters(), critic_opt, build_lr_scheduler(critic_opt, cfg, total_steps),
-        "norm", dc.fake_score_grad_clip, acc,
-    )  # fmt: skip
-    return student, critic
+def build_callbacks(params: Params, acc, state: RunState, schedule, roles, ema, progress: bool) -> Callbacks:
+    """The run's side effects, on the main process only: webhook events, tracking, the progress bar,
+    validation, hub pushes."""
+    from dmd.training.hub import HubPusher
+    from dmd.training.tracking import Tracker
+    from dmd.training.validation import Validation, has_validation
+    from dmd.training.webhooks import Notifier
+
+    cfg, main = params.train, acc.is_main_process
+    notify = Notifier(cfg.tracking.webhook_config, enabled=main, num_processes=acc.num_processes)
+    tracker = Tracker(cfg, params.model_dump(mode="json"), start_step=state.step, enabled=main,
+                      wandb_run_id=state.wandb_run_id)  # fmt: skip
+    state.wandb_run_id = tracker.wandb_run_id
+    bar = ProgressBar(state.total_steps, log, initial=state.step, enabled=main and progress)
+    callbacks: list[Callback] = [notify, tracker, bar]
+    if main and has_validation(params):
+        callbacks.append(Validation(params, acc.device, schedule, roles, ema, tracker, notify))
+    callbacks.append(HubPusher(cfg, enabled=main))
+    return Callbacks(callbacks)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -252,7 +269,7 @@ def check_finite(
     log.warning(
         "step %d: non-finite %s; update skipped (%d in a row)", step, what, state.consecutive_nonfinite
     )
-    if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+    if state.consecutive_nonfinite >= cfg.run.max_consecutive_nonfinite:
         first_bad = step - state.consecutive_nonfinite + 1  # checkpoint N holds the updates of steps 0..N-1
         suspect = [p for p in checkpoints.checkpoints() if int(p.name.rsplit("-", 1)[1]) >= first_bad]
         aside = checkpoints.move_aside("nonfinite", suspect) if main else None
@@ -319,9 +336,10 @@ def _differences(a, b, prefix="") -> list[str]:
 
 
 def resume(
-    params, checkpoints, student, critic, ema, loader, num_processes: int, main: bool, total_steps: int
-) -> RunState:
-    """Load the checkpoint `resume_from_checkpoint` names into every part, or start fresh; log which and why.
+    params: Params, checkpoints, fingerprint: str, main: bool, total_steps: int, student, critic
+) -> None:
+    """Load the checkpoint `resume_from_checkpoint` names into every registered part, or start fresh; log which
+    and why.
 
     `latest` resumes only a checkpoint on this run's own trajectory: the same settings except RESUMABLE_CHANGES,
     the same samples in the cache (`dvc repro` after a new teacher or new data rebuilds the cache under the same
@@ -332,24 +350,24 @@ def resume(
     run's length resumes only a checkpoint planned for the same length. When nothing qualifies the checkpoints
     are moved aside into `superseded-<time>/`, so they neither get resumed nor rotate the new ones out.
     """
-    from dmd.training.checkpoint import CheckpointError, restore_rng_state
+    from dmd.training.checkpoint import CheckpointError
 
     cfg = params.train
     if main:
         checkpoints.rotate()  # leftovers of a write that was killed
-    path = checkpoints.resolve(cfg.resume_from_checkpoint)
-    settings = run_settings(params, num_processes)
-    if path is not None and cfg.resume_from_checkpoint == "latest":
-        path = _latest_on_trajectory(checkpoints, settings, loader, cfg, total_steps)
+    path = checkpoints.resolve(cfg.checkpoint.resume_from_checkpoint)
+    settings = checkpoints.parts["settings"].state_dict()
+    if path is not None and cfg.checkpoint.resume_from_checkpoint == "latest":
+        path = _latest_on_trajectory(checkpoints, settings, fingerprint, cfg, total_steps)
     elif path is not None:
         summary = _checkpoint_summary(path)
         if summary["run"]["step"] > total_steps:
             raise CheckpointError(
-                f"train.resume_from_checkpoint={cfg.resume_from_checkpoint!r}: {path} is at step "
+                f"train.resume_from_checkpoint={cfg.checkpoint.resume_from_checkpoint!r}: {path} is at step "
                 f"{summary['run']['step']}, past this run's {total_steps} steps; resuming it would hand back a "
                 "longer-trained student. Resume an earlier checkpoint, train longer, or use 'latest'."
             )
-        changed = _mismatches(summary, settings, loader, cfg, total_steps)
+        changed = _mismatches(summary, settings, fingerprint, cfg, total_steps)
         if changed:
             log.warning("resuming %s although it differs: %s", path, "; ".join(changed))
     if path is None:
@@ -357,45 +375,26 @@ def resume(
         if aside is not None:
             log.warning("moved the checkpoints of an earlier run to %s", aside)
         log.info("training a new run of %d steps", total_steps)
-        return RunState(total_steps=total_steps)
-    groups, state = checkpoints.load(path)
-    load_params(student.params, groups["student"], "student", path)
-    load_params(critic.params, groups["critic"], "critic", path)
-    student.optimizer.load_state_dict(state["optimizer_student"])
-    critic.optimizer.load_state_dict(state["optimizer_critic"])
-    student.scheduler.load_state_dict(state["scheduler_student"])
-    critic.scheduler.load_state_dict(state["scheduler_critic"])
-    student.set_base_lr(cfg.learning_rate)  # a resumable change (RESUMABLE_CHANGES)
-    critic.set_base_lr(cfg.distillation_config.fake_score_lr)
-    if ema is not None:
-        if "ema" not in groups:
-            raise ValueError(
-                f"{path} has no EMA weights but train.use_ema is true; resume without EMA or start over"
-            )
-        ema.load_state_dict(groups["ema"])
-    loader.load_state_dict(state["loader"])
-    restore_rng_state(state["rng"])
-    for scheduler, key, value in (
-        (state["scheduler_student"], "train.learning_rate", cfg.learning_rate),
-        (
-            state["scheduler_critic"],
-            "train.distillation_config.fake_score_lr",
-            cfg.distillation_config.fake_score_lr,
-        ),
+        return
+    checkpoints.load_into(path)
+    # the peak learning rates are resumable changes (RESUMABLE_CHANGES): the schedules go on scaled to them
+    for group, key, value in (
+        (student, "train.learning_rate", cfg.optim.learning_rate),
+        (critic, "train.distillation_config.fake_score_lr", cfg.distillation_config.fake_score_lr),
     ):
-        before = scheduler.get("base_lrs", [value])[0]
+        before = group.scheduler.base_lrs[0]
+        group.set_base_lr(value)
         if before != value:  # resumable (a non-finite streak asks for it), but the run then mixes the two
             log.warning(
                 "%s: %s=%g from step %d on; the steps before it were taken at %g, so this run is not the one a "
-                "fresh start at %g would make", path, key, value, state["run"]["step"], before, value,
+                "fresh start at %g would make", path, key, value, checkpoints.parts["run"].step, before, value,
             )  # fmt: skip
-    planned = state["run"].get("total_steps")
+    planned = _checkpoint_summary(path)["run"].get("total_steps")
     log.info(
-        "resumed from %s at step %d of %d%s", path, state["run"]["step"], total_steps,
-        f" (written by a run planned for {planned} steps; train.lr_scheduler={cfg.lr_scheduler} makes their steps "
+        "resumed from %s at step %d of %d%s", path, checkpoints.parts["run"].step, total_steps,
+        f" (written by a run planned for {planned} steps; train.lr_scheduler={cfg.optim.lr_scheduler} makes their steps "
         "the same)" if planned not in (None, total_steps) else "",
     )  # fmt: skip
-    return RunState(**{**state["run"], "total_steps": total_steps})
 
 
 def _checkpoint_summary(path: Path) -> dict:
@@ -407,36 +406,38 @@ def _checkpoint_summary(path: Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())["state"]
 
 
-def _mismatches(summary: dict, settings: dict, loader, cfg: TrainConfig, total_steps: int) -> list[str]:
+def _mismatches(
+    summary: dict, settings: dict, fingerprint: str, cfg: TrainConfig, total_steps: int
+) -> list[str]:
     """Why the checkpoint `summary` is not on the trajectory of a run with `settings` and `total_steps`, apart
     from lying past its end; empty when it is."""
     saved = {**summary["settings"], "train": fixed_train_settings(summary["settings"]["train"])}
     changed = _differences(saved, settings)
-    if summary["loader"]["fingerprint"] != loader.fingerprint:
+    if summary["loader"]["fingerprint"] != fingerprint:
         changed.append(f"the samples in {settings['cache']}, rebuilt since")
     planned = summary["run"].get("total_steps")
-    if cfg.lr_scheduler not in LENGTH_FREE_SCHEDULES and planned != total_steps:
+    if cfg.optim.lr_scheduler not in LENGTH_FREE_SCHEDULES and planned != total_steps:
         changed.append(
             f"planned for {planned or 'an unrecorded number of'} steps, this run for {total_steps}: "
-            f"train.lr_scheduler={cfg.lr_scheduler} spans the run's length, so every step differs"
+            f"train.lr_scheduler={cfg.optim.lr_scheduler} spans the run's length, so every step differs"
         )
     return changed
 
 
 def _latest_on_trajectory(
-    checkpoints, settings: dict, loader, cfg: TrainConfig, total_steps: int
+    checkpoints, settings: dict, fingerprint: str, cfg: TrainConfig, total_steps: int
 ) -> Path | None:
     """The newest checkpoint this run can continue (see `resume`), or None after logging why there is none."""
     found = checkpoints.checkpoints()
     newest = found[-1]
-    changed = _mismatches(_checkpoint_summary(newest), settings, loader, cfg, total_steps)
+    changed = _mismatches(_checkpoint_summary(newest), settings, fingerprint, cfg, total_steps)
     if changed:
         log.warning("%s was written with other settings (%s); starting a new run", newest, "; ".join(changed))
         return None
     for path in reversed(found):
         summary = _checkpoint_summary(path)
         if summary["run"]["step"] <= total_steps and not _mismatches(
-            summary, settings, loader, cfg, total_steps
+            summary, settings, fingerprint, cfg, total_steps
         ):
             if path != newest:
                 log.warning(
@@ -450,16 +451,6 @@ def _latest_on_trajectory(
         "student", newest, _checkpoint_summary(newest)["run"]["step"], total_steps, total_steps, total_steps,
     )  # fmt: skip
     return None
-
-
-def load_params(params: list[torch.Tensor], saved: dict[str, torch.Tensor], what: str, path: Path) -> None:
-    if len(saved) != len(params) or any(saved[f"{i:05d}"].shape != p.shape for i, p in enumerate(params)):
-        raise ValueError(
-            f"{path}: the {what} weights there do not match this model (other model_type or rank?)"
-        )
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(saved[f"{i:05d}"])
 
 
 def weights_digest(params: list[torch.Tensor]) -> str:
@@ -483,63 +474,17 @@ def verify_replicas(acc, student: TrainableGroup, critic: TrainableGroup) -> Non
     log.info("replicas identical on %d processes (student %s, critic %s)", acc.num_processes, *digests[0])
 
 
-def save_checkpoint(checkpoints, state, student, critic, ema, loader, params, acc, notify, hub) -> None:
-    """Main process writes; all processes hold the same weights (checked), so one copy is the run's state.
+def save_checkpoint(checkpoints, state: RunState, acc, student, critic) -> Path | None:
+    """Checkpoint every registered part; the path, or None on other processes and when nothing was written.
 
-    Not during a non-finite streak, and not with non-finite weights: a checkpoint is a state to go back to.
+    All processes hold the same weights (checked), so the main process's copy is the run's state. Not during a
+    non-finite streak: a checkpoint is a state to go back to (the manager also refuses non-finite weights).
     Every process takes the same decision (the same counters, identical replicas)."""
-    from dmd.training.checkpoint import capture_rng_state
-
     if state.consecutive_nonfinite:
         log.warning("step %d: no checkpoint during a run of non-finite steps", state.step)
-        return
-    weights = [*student.params, *critic.params, *(ema.shadow if ema is not None else [])]
-    if not all(bool(torch.isfinite(p).all()) for p in weights):
-        log.warning("step %d: no checkpoint, the weights hold non-finite values", state.step)
-        return
+        return None
     verify_replicas(acc, student, critic)
-    if not acc.is_main_process:
-        return
-    groups = {"student": {f"{i:05d}": p for i, p in enumerate(student.params)},
-              "critic": {f"{i:05d}": p for i, p in enumerate(critic.params)}}  # fmt: skip
-    if ema is not None:
-        groups["ema"] = ema.state_dict()
-    run = {"step": state.step, "consecutive_nonfinite": state.consecutive_nonfinite,
-           "skipped_steps": state.skipped_steps, "wandb_run_id": state.wandb_run_id,
-           "total_steps": state.total_steps}  # fmt: skip
-    path = checkpoints.save(state.step, groups, {
-        "run": run, "settings": run_settings(params, acc.num_processes), "loader": loader.state_dict(),
-        "optimizer_student": student.optimizer.state_dict(), "optimizer_critic": critic.optimizer.state_dict(),
-        "scheduler_student": student.scheduler.state_dict(), "scheduler_critic": critic.scheduler.state_dict(),
-        "rng": capture_rng_state(),
-    })  # fmt: skip
-    notify("checkpoint", f"checkpoint {path.name} saved", state.step, path=str(path))
-    hub.push_checkpoint(path)
-
-
-def has_validation(cfg: TrainConfig) -> bool:
-    return bool(cfg.validation_prompt or cfg.validation_prompt_library)
-
-
-class Validation:
-    """Runs the Validator on the student's module and reports to the tracker and the webhook."""
-
-    def __init__(self, params, acc, roles, ema, tracker, notify):
-        from dmd.training.validation import Validator
-
-        self.validator = Validator(params, acc.device)
-        self.roles, self.ema, self.tracker, self.notify = roles, ema, tracker, notify
-        self.fps = params.generate.fps
-
-    def __call__(self, step: int) -> None:
-        self.roles.activate_student()
-        result = self.validator.run(step, self.roles.student_transformer, self.ema)
-        self.tracker.log_media({"validation/grid": result.grid}, result.videos, step, fps=self.fps)
-        if result.scores:
-            self.tracker.log(result.scores, step)
-        scores = ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.3g}" for k, v in sorted(result.scores.items()))
-        self.notify("validation", f"validation at step {step}: {result.grid}" + (f" ({scores})" if scores else ""),
-                    step, grid=str(result.grid), scores=result.scores)  # fmt: skip
+    return checkpoints.save(state.step) if acc.is_main_process else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Optimisation: AdamW (plain, or with fp32 master weights for bf16 parameters), lr schedules, clipping, and the
-one-update unit `TrainableGroup` (accumulate micro-batches → average across processes → check → clip → step).
+"""Optimisation: AdamW (plain, or with fp32 master weights for bf16 parameters), lr schedules, clipping, the
+one-update unit `TrainableGroup` (accumulate micro-batches → average across processes → check → clip → step), and
+the student's and the critic's groups as the settings define them (`build_groups`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import get_scheduler
 
-from dmd.core.config import TrainConfig
+from dmd.core.config import Params, TrainConfig
 
 # train.lr_scheduler values → transformers' scheduler names (they share the names; listed so a new value fails here)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
@@ -106,6 +107,15 @@ def build_optimizer(
     raise ValueError(f"train.optimizer={kind!r}: use 'adamw' or 'adamw_bf16'")
 
 
+def build_critic_optimizer(params: Params, parameters: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+    """The critic's own optimizer: `train.optimizer` from the distillation_config.fake_score_* keys."""
+    dc = params.train.distillation_config
+    return build_optimizer(
+        parameters, params.train.optim.optimizer, dc.fake_score_lr, tuple(dc.fake_score_betas), dc.fake_score_eps,
+        dc.fake_score_weight_decay,
+    )  # fmt: skip
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_training_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -115,18 +125,22 @@ def build_lr_scheduler(
     and `cosine_with_min_lr` ramp linearly over `lr_warmup_steps`; `cosine_with_min_lr` then decays along a half
     cosine to `lr_min_ratio`·lr at the last step.
     """
-    if cfg.lr_scheduler not in LR_SCHEDULERS:
-        raise ValueError(f"train.lr_scheduler={cfg.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}")
-    if cfg.lr_scheduler != "constant" and cfg.lr_warmup_steps >= max(num_training_steps, 1) > 1:
+    if cfg.optim.lr_scheduler not in LR_SCHEDULERS:
         raise ValueError(
-            f"train.lr_warmup_steps={cfg.lr_warmup_steps} is not below the run's {num_training_steps} steps; "
+            f"train.lr_scheduler={cfg.optim.lr_scheduler!r}: use one of {', '.join(LR_SCHEDULERS)}"
+        )
+    if cfg.optim.lr_scheduler != "constant" and cfg.optim.lr_warmup_steps >= max(num_training_steps, 1) > 1:
+        raise ValueError(
+            f"train.lr_warmup_steps={cfg.optim.lr_warmup_steps} is not below the run's {num_training_steps} steps; "
             "lower it or train longer"
         )
-    extra = {"min_lr_rate": cfg.lr_min_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+    extra = (
+        {"min_lr_rate": cfg.optim.lr_min_ratio} if cfg.optim.lr_scheduler == "cosine_with_min_lr" else None
+    )
     return get_scheduler(
-        cfg.lr_scheduler,
+        cfg.optim.lr_scheduler,
         optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps,
+        num_warmup_steps=cfg.optim.lr_warmup_steps,
         num_training_steps=max(num_training_steps, 1),
         scheduler_specific_kwargs=extra,
     )
@@ -210,6 +224,27 @@ class TrainableGroup:
                 group["initial_lr"] = lr
         self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
 
+    def state_dict(self) -> dict:
+        return {
+            "weights": {f"{i:05d}": p for i, p in enumerate(self.params)},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["weights"]
+        if len(saved) != len(self.params) or any(
+            saved[f"{i:05d}"].shape != p.shape for i, p in enumerate(self.params)
+        ):
+            raise ValueError(
+                f"the {self.name} weights there do not match this model (other model_type or rank?)"
+            )
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(saved[f"{i:05d}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def update(self, loss_fn: Callable, batches: Sequence) -> UpdateResult:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), dtype=torch.float32)
@@ -274,3 +309,26 @@ class TrainableGroup:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         return loss
+
+
+def build_groups(
+    params: Params, method, total_steps: int, accelerator=None
+) -> tuple[TrainableGroup, TrainableGroup]:
+    """The student's and the critic's parameters with their optimizer, schedule and clipping. The student steps
+    once per `generator_update_interval` steps, so its schedule spans that many fewer steps."""
+    cfg, dc = params.train, params.train.distillation_config
+    student_opt = build_optimizer(method.student_parameters(), cfg.optim.optimizer, cfg.optim.learning_rate)
+    critic_opt = build_critic_optimizer(params, method.critic_parameters())
+    if accelerator is not None and accelerator.scaler is not None:  # fp16: the gradient scaler wraps them
+        student_opt, critic_opt = accelerator.prepare(student_opt, critic_opt)
+    student_steps = -(-total_steps // dc.generator_update_interval)
+    student = TrainableGroup(
+        "student", method.student_parameters(), student_opt, build_lr_scheduler(student_opt, cfg, student_steps),
+        cfg.optim.grad_clip_method, cfg.optim.max_grad_norm, accelerator,
+        before_backward=method.roles.activate_student,  # the scores ran last; the recomputed forward is the student's
+    )  # fmt: skip
+    critic = TrainableGroup(
+        "critic", method.critic_parameters(), critic_opt, build_lr_scheduler(critic_opt, cfg, total_steps),
+        "norm", dc.fake_score_grad_clip, accelerator,
+    )  # fmt: skip
+    return student, critic

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from dmd.core.config import TrainConfig
+from dmd.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def truncate_dvclive_history(metrics_dir: Path, from_step: int) -> None:
             csv.writer(f, delimiter="\t", lineterminator="\n").writerows(kept)
 
 
-class Tracker:
+class Tracker(Callback):
     """Scalars, images and videos to the configured trackers; a no-op on non-main processes or `report_to: none`."""
 
     def __init__(
@@ -52,11 +53,11 @@ class Tracker:
     ):
         self.wandb = None
         self.live = None
-        self.metrics_dir = Path(cfg.metrics_dir)
-        if not enabled or cfg.report_to == "none":
+        self.metrics_dir = Path(cfg.tracking.metrics_dir)
+        if not enabled or cfg.tracking.report_to == "none":
             return
         self._open_dvclive(start_step)
-        if cfg.report_to == "wandb":
+        if cfg.tracking.report_to == "wandb":
             self._open_wandb(cfg, run_config, wandb_run_id)
 
     def _open_dvclive(self, start_step: int) -> None:
@@ -73,8 +74,8 @@ class Tracker:
 
         mode = wandb_mode()
         self.wandb = wandb.init(
-            project=cfg.tracker_project_name,
-            name=cfg.tracker_run_name,
+            project=cfg.tracking.tracker_project_name,
+            name=cfg.tracking.tracker_run_name,
             config=run_config,
             mode=mode,
             id=run_id,
@@ -111,6 +112,12 @@ class Tracker:
         if self.live is not None:  # one file per step (<name>/<step>.png), which `dvc plots` orders by step
             for name, path in images.items():
                 self.live.log_image(f"{name}/{step}.png", str(path))
+
+    def on_log(self, step: int, scalars: dict[str, float]) -> None:
+        self.log(scalars, step)
+
+    def on_train_end(self, run, student_dir: Path | None, error: BaseException | None) -> None:
+        self.finish()
 
     def finish(self) -> None:
         if self.wandb is not None:

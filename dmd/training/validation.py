@@ -10,7 +10,6 @@ across steps. `ema_validation` picks the weights: `none` the live ones, `ema_onl
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ from PIL import Image
 from dmd.core.config import Params
 from dmd.core.io import atomic_path
 from dmd.core.video import write_video
+from dmd.data.prompts import load_prompt_library, positional
 from dmd.distill.rollout import RolloutSchedule
-from dmd.student.sample import generate_latents, latent_shape
+from dmd.student.sample import generate_latents, video_latent_shape
+from dmd.training.callbacks import Callback
 from dmd.training.ema import EMA
 
 log = logging.getLogger(__name__)
@@ -34,24 +35,18 @@ GRID_MIN_SIDE = 96  # tiny frames are enlarged (nearest neighbour) so the grid i
 
 
 def validation_prompts(params: Params) -> dict[str, str]:
-    """{name: prompt} from validation_prompt ("prompt") and the library file; a clear error for a bad file."""
+    """{name: prompt} from validation_prompt ("prompt") and the library file (dmd.data.prompts); a library without
+    ids names its prompts by position."""
     cfg = params.train
-    prompts = {"prompt": cfg.validation_prompt} if cfg.validation_prompt else {}
-    if cfg.validation_prompt_library:
-        path = Path(cfg.validation_prompt_library)
-        if not path.is_file():
-            raise ValueError(
-                f"train.validation_prompt_library: {path} not found; fix the path or set it to null"
-            )
-        try:
-            library = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if isinstance(library, list):
-            library = {f"library{i:02d}": p for i, p in enumerate(library)}
-        if not isinstance(library, dict) or not all(isinstance(p, str) and p for p in library.values()):
-            raise ValueError(f"{path}: must be a JSON list of prompts or an object {{name: prompt}}")
-        prompts.update({re.sub(r"[^A-Za-z0-9_.-]+", "-", str(k)): v for k, v in library.items()})
+    prompts = {"prompt": cfg.validation.validation_prompt} if cfg.validation.validation_prompt else {}
+    if cfg.validation.validation_prompt_library:
+        library = load_prompt_library(
+            cfg.validation.validation_prompt_library, setting="train.validation_prompt_library"
+        )
+        by_position = positional(library)
+        for i, p in enumerate(library):
+            name = f"library{i:02d}" if by_position else re.sub(r"[^A-Za-z0-9_.-]+", "-", p.id)
+            prompts[name] = p.text
     return prompts
 
 
@@ -90,10 +85,11 @@ class ValidationResult:
 
 
 class Validator:
-    """Encodes the prompts once; `run(step, transformer, ema)` samples, writes, judges."""
+    """Encodes the prompts once; `run(step, transformer, ema)` samples, writes, judges, along the student's
+    `schedule` (or as many steps as validation_num_inference_steps asks, spread along it)."""
 
-    def __init__(self, params: Params, device: torch.device | str):
-        from dmd.evaluation.evaluate import LatentDecoder
+    def __init__(self, params: Params, device: torch.device | str, schedule: RolloutSchedule):
+        from dmd.wan.decode import LatentDecoder
         from dmd.wan.loading import encode_prompts, load_text_encoder, load_vae
 
         self.params = params
@@ -107,18 +103,16 @@ class Validator:
             k: encode_prompts(tokenizer, text_encoder, [p], length) for k, p in self.prompts.items()
         }
         self.negative = (
-            encode_prompts(tokenizer, text_encoder, [cfg.validation_negative_prompt], length)
-            if cfg.validation_guidance > 1
+            encode_prompts(tokenizer, text_encoder, [params.model.negative_prompt], length)
+            if cfg.validation.validation_guidance > 1
             else None
         )
         del text_encoder
         self.vae = load_vae(params.model, device)
         self.decode = LatentDecoder(self.vae)
-        self.schedule = validation_schedule(
-            RolloutSchedule.from_params(params), cfg.validation_num_inference_steps
-        )
+        self.schedule = validation_schedule(schedule, cfg.validation.validation_num_inference_steps)
         self.world = self._toy_world()
-        self.root = Path(cfg.output_dir) / "validation"
+        self.root = Path(cfg.run.output_dir) / "validation"
 
     def _toy_world(self):
         """The toy world when every prompt is a toy caption (its judge can score them), else None."""
@@ -135,7 +129,7 @@ class Validator:
         return ToyWorld(self.params.toy)
 
     def weight_variants(self, ema: EMA | None) -> list[str]:
-        mode = self.params.train.ema_validation
+        mode = self.params.train.ema.ema_validation
         if ema is None or mode == "none":
             return ["live"]
         return ["ema"] if mode == "ema_only" else ["live", "ema"]
@@ -143,8 +137,7 @@ class Validator:
     @torch.no_grad()
     def run(self, step: int, transformer, ema: EMA | None) -> ValidationResult:
         cfg = self.params.train
-        height, width = cfg.validation_size
-        shape = latent_shape(transformer, self.vae, height, width, cfg.validation_num_video_frames)
+        shape = video_latent_shape(self.params, transformer, self.vae)
         folder = self.root / f"step-{step:07d}"
         videos, clips, scores = {}, {}, {}
         was_training = transformer.training
@@ -159,9 +152,9 @@ class Validator:
                             self.schedule,
                             embeds,
                             shape,
-                            cfg.validation_seed,
+                            cfg.validation.validation_seed,
                             negative_embeds_1LD=self.negative,
-                            guidance=cfg.validation_guidance,
+                            guidance=cfg.validation.validation_guidance,
                         )
                         clip = self.decode(latents)[0]
                         key = f"{variant}-{name}"
@@ -185,3 +178,41 @@ class Validator:
             if result.get(key) is not None:
                 flat[f"validation/{variant}/{key}"] = float(result[key])
         return flat
+
+
+class Validation(Callback):
+    """Validates the student every `validation_step_interval` steps (and before the first step unless
+    `disable_benchmark`), reporting to the tracker and the webhook."""
+
+    def __init__(
+        self, params: Params, device, schedule: RolloutSchedule, roles, ema: EMA | None, tracker, notify
+    ):
+        self.validator = Validator(params, device, schedule)
+        self.roles, self.ema, self.tracker, self.notify = roles, ema, tracker, notify
+        self.interval = params.train.validation.validation_step_interval
+        self.before_training = not params.train.validation.disable_benchmark
+        self.fps = params.generate.fps
+
+    def on_train_start(self, run) -> None:
+        if run.step == 0 and self.before_training:
+            self.validate(0)
+
+    def on_step_end(self, step: int) -> None:
+        if step % self.interval == 0:
+            self.validate(step)
+
+    def validate(self, step: int) -> None:
+        self.roles.activate_student()
+        result = self.validator.run(step, self.roles.student_transformer, self.ema)
+        self.tracker.log_media({"validation/grid": result.grid}, result.videos, step, fps=self.fps)
+        if result.scores:
+            self.tracker.log(result.scores, step)
+        scores = ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.3g}" for k, v in sorted(result.scores.items()))
+        self.notify("validation", f"validation at step {step}: {result.grid}" + (f" ({scores})" if scores else ""),
+                    step, grid=str(result.grid), scores=result.scores)  # fmt: skip
+
+
+def has_validation(params: Params) -> bool:
+    return bool(
+        params.train.validation.validation_prompt or params.train.validation.validation_prompt_library
+    )

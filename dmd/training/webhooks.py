@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dmd.training.callbacks import Callback
+
 log = logging.getLogger("dmd.training.loop")  # events are the run's messages
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -111,12 +113,35 @@ class Webhook:
             return False
 
 
-class Notifier:
-    """The run's event sink: the webhook when configured, nothing otherwise, and only on the main process."""
+class Notifier(Callback):
+    """The run's event sink: the webhook when configured, nothing otherwise, and only on the main process. As a
+    callback it announces the run's start, checkpoints, finish and failure."""
 
-    def __init__(self, webhook_config: str | None, enabled: bool = True):
+    def __init__(self, webhook_config: str | None, enabled: bool = True, num_processes: int = 1):
         self.webhook = Webhook(WebhookConfig.from_file(webhook_config)) if webhook_config else None
         self.enabled = enabled
+        self.num_processes = num_processes
+
+    def on_train_start(self, run) -> None:
+        self(
+            "start",
+            f"training {run.step}/{run.total_steps} steps on {self.num_processes} process(es)",
+            run.step,
+        )
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self("checkpoint", f"checkpoint {path.name} saved", step, path=str(path))
+
+    def on_train_end(self, run, student_dir: Path | None, error: BaseException | None) -> None:
+        if error is None:
+            self("finish", f"training finished at step {run.step}; student in {student_dir}", run.step,
+                 skipped_steps=run.skipped_steps)  # fmt: skip
+        else:
+            self(
+                "failure",
+                f"training failed at step {run.step}: {error.__class__.__name__}: {error}",
+                run.step,
+            )
 
     def __call__(self, event: str, message: str, step: int | None = None, **data) -> None:
         if not self.enabled:

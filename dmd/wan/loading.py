@@ -226,7 +226,7 @@ def teacher_revision(cfg: ModelConfig) -> str:
             continue
         for file in sorted(f for f in root.rglob("*") if f.is_file() and not _hidden(f.relative_to(root))):
             h.update(
-                f"{file.relative_to(root).as_posix()}:{file.stat().st_size}:{_file_digest(file)}\n".encode()
+                f"{file.relative_to(root).as_posix()}:{file.stat().st_size}:{sampled_file_digest(file)}\n".encode()
             )
     return "sha256:" + h.hexdigest()
 
@@ -235,7 +235,9 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _file_digest(path: Path) -> str:
+def sampled_file_digest(path: Path) -> str:
+    """A file's sha256, or for a file above FULL_HASH_LIMIT the sha256 of three windows of it (start, middle, end):
+    what tells weight files apart quickly, not a checksum of the whole file."""
     size = path.stat().st_size
     if size <= FULL_HASH_LIMIT:
         return sha256_file(path)
@@ -245,6 +247,14 @@ def _file_digest(path: Path) -> str:
             f.seek(start)
             h.update(f.read(HASH_WINDOW))
     return "windows:" + h.hexdigest()
+
+
+def load_transformer_folder(folder: str | Path, precision: str) -> WanTransformer3DModel:
+    """A transformer saved whole under `folder/transformer`, held at `precision`'s float dtype (diffusers would
+    upcast it to float32 otherwise)."""
+    return WanTransformer3DModel.from_pretrained(
+        folder, subfolder="transformer", torch_dtype=DTYPES.get(precision)
+    )
 
 
 def _dtype(precision: str, default: torch.dtype = torch.float32) -> torch.dtype:

@@ -1,14 +1,4 @@
-"""The latent cache: VAE latents and T5 embeddings of every usable clip, and the training loader over them.
-
-Layout of `cache.output_dir`:
-
-    index.parquet          one row per usable sample of the current sources (see INDEX_COLUMNS)
-    problems.parquet       every file left out: dataset, path, kind, reason, source_sha256, deleted
-    meta.json              model identities, latent geometry, max_sequence_length, bucket pruning
-    summary.json           what the cache holds: sources, samples, problems by kind, buckets (a run's own counts
-                           and timings go to the log and the flow's result, so equal inputs give equal bytes)
-    latents/<dataset>/     shard-<hash>.safetensors + shard-<hash>.parquet (its rows); per-dataset cache_dir
-    text/                  negative.safetensors, empty.safetensors (key prompt_embeds, (1,L,D)), text shards
+"""The cache builder: VAE latents and T5 embeddings of every usable clip, written as shards with an index.
 
 Content addressing. A clip's latents are stored under `latent_key` = sha256 of (the video file's bytes, the
 preprocessing settings, the bucket rounding and alignment, the VAE's config + weight hashes, and, when taken from
@@ -21,32 +11,26 @@ A shard is written (atomically) before its row table, so an interrupted run keep
 Latents are the VAE posterior's mode (its mean: deterministic), normalised as diffusers' WanPipeline expects,
 `(z - latents_mean) / latents_std`; WanPipeline decodes with `z = latents * latents_std + latents_mean`.
 Text embeddings equal `WanPipeline.encode_prompt` (positions past each prompt's length are zero); they are stored
-without the zero tail and padded back to `max_sequence_length` on load.
-
-`compress_disk_cache` stores every tensor zstd-compressed (pyarrow's codec) as a uint8 tensor inside the same
-safetensors shard; dtype and shape sit in the shard's metadata, so reading one sample still reads only its bytes.
+without the zero tail.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 from safetensors import safe_open
 
@@ -56,11 +40,11 @@ from dmd.core.io import (
     sha256_file,
     write_json,
     write_parquet,
-    write_safetensors,
     write_text,
 )
 from dmd.core.video import VideoReadError, read_video, video_info
 from dmd.data.buckets import Bucket, bucket_size, frame_indices, meets_minimum_size, resize_clip
+from dmd.data.cache.shards import COMPRESSION, FORMAT_VERSION, content_digest, read_shard_tables, write_shard
 from dmd.data.datasets import (
     PROBLEM_KINDS,
     UNUSABLE_KINDS,
@@ -70,35 +54,33 @@ from dmd.data.datasets import (
     file_problem,
     sniff_video,
 )
+from dmd.data.schema import (
+    INDEX,
+    INDEX_COLUMNS,
+    LATENTS_DIR,
+    META,
+    PROBLEM_COLUMNS,
+    PROBLEMS,
+    PROMPT_EMBEDS_TENSOR,
+    SUMMARY,
+    TEACHER_LATENTS_TENSOR,
+    TEACHER_NOISE_TENSOR,
+    TEXT_DIR,
+    TEXT_KEY_METADATA,
+    Index,
+    LatentRows,
+    TextRows,
+    latents_tensor,
+    noise_tensor,
+    prompt_embeds_tensor,
+)
+from dmd.wan.device import pick_device
+from dmd.wan.latents import LatentGeometry, normalize_latents
 from dmd.wan.loading import count_truncated, encode_prompts, load_text_encoder, load_vae
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-COMPRESSION = "zstd"
 DECODE_PROBLEMS = ("not_a_video", "corrupt")  # depend on the bytes alone, so a re-run may reuse them
-INDEX_COLUMNS = [
-    "key",  # sample key: latent_key + text_key
-    "dataset",
-    "source",  # the video file
-    "caption",
-    "bucket",  # "FxHxW" in pixels; one latent shape per bucket
-    "latent_shape",  # [C, T, H, W]
-    "dtype",
-    "shard",  # latents shard, relative to the cache directory
-    "latent_key",
-    "text_key",
-    "text_shard",
-    "text_length",  # tokens before the zero padding
-    "has_noise",
-    "latents_from",  # "vae" or "teacher"
-    "repeats",
-    "source_sha256",
-    "source_frames",
-    "source_height",
-    "source_width",
-]
-PROBLEM_COLUMNS = ["dataset", "path", "kind", "reason", "source_sha256", "deleted"]
 
 
 class NoUsableSamplesError(RuntimeError):
@@ -107,26 +89,6 @@ class NoUsableSamplesError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------------------------
 # Model identity and latent geometry
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How pixels map to latents: VAE factors, the transformer's patch, and the resulting size alignment."""
-
-    temporal_factor: int
-    spatial_factor: int
-    alignment: int
-    latent_channels: int
-    latents_mean: tuple[float, ...]
-    latents_std: tuple[float, ...]
-
-    def latent_shape(self, bucket: Bucket) -> list[int]:
-        return [
-            self.latent_channels,
-            (bucket.frames - 1) // self.temporal_factor + 1,
-            bucket.height // self.spatial_factor,
-            bucket.width // self.spatial_factor,
-        ]
 
 
 def model_dir(path_or_id: str, revision: str | None, subfolders: list[str]) -> Path:
@@ -159,32 +121,12 @@ def _config(folder: Path) -> dict:
     return json.loads(file.read_text())
 
 
-def model_geometry(cfg: ModelConfig) -> Geometry:
-    from diffusers import AutoencoderKLWan
-
+def model_geometry(cfg: ModelConfig) -> LatentGeometry:
     root = model_dir(cfg.pretrained_model_name_or_path, cfg.revision, ["vae", "transformer"])
-    vae, transformer = _config(root / "vae"), _config(root / "transformer")
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    down = vae.get("temperal_downsample", defaults["temperal_downsample"])
-    spatial = vae.get("scale_factor_spatial") or 2 ** len(down)
-    temporal = vae.get("scale_factor_temporal") or 2 ** sum(bool(d) for d in down)
-    patch = transformer.get("patch_size", [1, 2, 2])
-    z_dim = vae.get("z_dim", defaults["z_dim"])
-    return Geometry(
-        temporal_factor=int(temporal),
-        spatial_factor=int(spatial),
-        alignment=int(spatial) * int(np.lcm(patch[1], patch[2])),
-        latent_channels=int(z_dim),
-        latents_mean=tuple(vae.get("latents_mean") or [0.0] * z_dim),
-        latents_std=tuple(vae.get("latents_std") or [1.0] * z_dim),
-    )
+    return LatentGeometry.from_configs(_config(root / "transformer"), _config(root / "vae"))
 
 
-def _file_digest(path: Path) -> str:
+def weight_file_sha256(path: Path) -> str:
     """A weight file's sha256; files in the hub cache are symlinks to blobs already named by it."""
     target = path.resolve()
     if path.is_symlink() and len(target.name) == 64 and all(c in "0123456789abcdef" for c in target.name):
@@ -201,22 +143,18 @@ def folder_identity(folder: Path) -> dict:
             f.read_text() if f.suffix in (".json", ".txt", ".model") and f.stat().st_size < 1 << 24 else None
         )
         if files[rel] is None:
-            files[rel] = _file_digest(f)
+            files[rel] = weight_file_sha256(f)
     return files
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def vae_identity(cfg: ModelConfig) -> str:
     root = model_dir(cfg.pretrained_model_name_or_path, cfg.revision, ["vae"])
-    return _digest({"vae": folder_identity(root / "vae")})
+    return content_digest({"vae": folder_identity(root / "vae")})
 
 
 def text_identity(cfg: ModelConfig) -> str:
     root = model_dir(cfg.text_encoder_path, cfg.revision, ["text_encoder", "tokenizer"])
-    return _digest(
+    return content_digest(
         {
             "text_encoder": folder_identity(root / "text_encoder"),
             "tokenizer": folder_identity(root / "tokenizer"),
@@ -228,9 +166,9 @@ def text_identity(cfg: ModelConfig) -> str:
 
 
 def latent_key(
-    source_sha: str, source: Source, rounding: int, geometry: Geometry, vae_id: str, teacher
+    source_sha: str, source: Source, rounding: int, geometry: LatentGeometry, vae_id: str, teacher
 ) -> str:
-    return _digest(
+    return content_digest(
         {
             "format": FORMAT_VERSION,
             "source": source_sha,
@@ -244,77 +182,11 @@ def latent_key(
 
 
 def text_key(caption: str, text_id: str) -> str:
-    return _digest({"format": FORMAT_VERSION, "caption": caption, "text": text_id})
+    return content_digest({"format": FORMAT_VERSION, "caption": caption, "text": text_id})
 
 
 def sample_key(latent: str, text: str) -> str:
     return hashlib.sha256(f"{latent}:{text}".encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shards: safetensors files, optionally with each tensor zstd-compressed
-
-
-def write_shard(
-    path: Path, tensors: dict[str, torch.Tensor], compress: bool, extra: dict[str, str] | None = None
-) -> None:
-    metadata = {
-        "format": f"dmd-cache-{FORMAT_VERSION}",
-        "compression": COMPRESSION if compress else "none",
-        **(extra or {}),
-    }
-    if compress:
-        stored = {}
-        for name, t in tensors.items():
-            t = t.detach().contiguous().cpu()
-            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            stored[name] = torch.frombuffer(
-                bytearray(pa.compress(raw, codec=COMPRESSION, asbytes=True)), dtype=torch.uint8
-            )
-            metadata[name] = json.dumps(
-                {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-            )
-        tensors = stored
-    write_safetensors(path, tensors, metadata)
-
-
-class ShardReader:
-    """Reads one tensor at a time (memory-mapped, or decompressed when stored so), keeping the most recently used
-    `max_open` shards open."""
-
-    def __init__(self, max_open: int = 64):
-        self._open: OrderedDict[Path, object] = OrderedDict()
-        self._lock = threading.Lock()
-        self.max_open = max_open
-
-    def get(self, path: Path, name: str) -> torch.Tensor:
-        with self._lock:
-            handle = self._open.pop(path, None) or safe_open(str(path), framework="pt")
-            self._open[path] = handle
-            while len(self._open) > self.max_open:
-                self._open.popitem(last=False)
-        meta = handle.metadata() or {}
-        tensor = handle.get_tensor(name)
-        if meta.get("compression", "none") == "none":
-            return tensor
-        info = json.loads(meta[name])
-        dtype = getattr(torch, info["dtype"])
-        size = int(np.prod(info["shape"])) * torch.empty((), dtype=dtype).element_size()
-        raw = pa.decompress(
-            tensor.numpy().tobytes(), decompressed_size=size, codec=meta["compression"], asbytes=True
-        )
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(info["shape"])
-
-
-def read_shard_tables(folders: Iterable[Path]) -> pd.DataFrame:
-    """The row tables of every complete shard (its .safetensors present) in `folders`, with a `path` column."""
-    tables = []
-    for folder in folders:
-        for table in sorted(Path(folder).glob("shard-*.parquet")):
-            shard = table.with_suffix(".safetensors")
-            if shard.is_file():
-                tables.append(pd.read_parquet(table).assign(path=str(shard)))
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,7 +206,7 @@ class WorkItem:
 @dataclass
 class Plan:
     output_dir: Path
-    geometry: Geometry
+    geometry: LatentGeometry
     vae_id: str
     text_id: str
     sources: list[tuple[Source, str, str]]  # (source, source_sha, latent_key) for every hashable source
@@ -362,14 +234,16 @@ def plan_cache(params: Params) -> Plan:
     vae_id, text_id = vae_identity(params.model), text_identity(params.model)
     sources, problems = discover(cfg, geometry.temporal_factor)
     shard_dirs = sorted(
-        {*(p for p in (out / "latents").glob("*") if p.is_dir()), *(s.settings.shard_dir for s in sources)}
+        {*(p for p in (out / LATENTS_DIR).glob("*") if p.is_dir()), *(s.settings.shard_dir for s in sources)}
     )
     for folder in (out, *shard_dirs):  # the cache is kept across runs: a killed run's temporaries go now
         for path in remove_stale_temporaries(folder):
             log.info("removed %s, left by a run that was stopped", path)
     available = read_shard_tables(shard_dirs)
     if len(available):
-        available = available.drop_duplicates("latent_key").set_index("latent_key", drop=False)
+        available = available.drop_duplicates(LatentRows.LATENT_KEY).set_index(
+            LatentRows.LATENT_KEY, drop=False
+        )
     cached = set(available.index) if len(available) else set()
     known_bad = _previous_decode_problems(out)
 
@@ -434,7 +308,7 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _previous_decode_problems(out: Path) -> dict[str, tuple[str, str]]:
-    file = out / "problems.parquet"
+    file = out / PROBLEMS
     if not file.is_file():
         return {}
     table = pd.read_parquet(file)
@@ -479,36 +353,32 @@ def _text_encoder(model_json: str, device: str):
     return load_text_encoder(ModelConfig.model_validate_json(model_json), device)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str | None = None) -> ChunkResult:
     """Encode `items` (one shard directory) into one shard; unusable files come back as problems."""
     started = time.perf_counter()
     cfg, geometry = params.cache, plan.geometry
-    device = device or default_device()
+    device = device or str(pick_device())
     latents: dict[str, torch.Tensor] = {}
     rows, problems, problem_sha = [], [], {}
     pending: dict[Bucket, list[_Prepared]] = {}
 
     def add(prep: _Prepared, z: torch.Tensor, source: str) -> None:
         key = prep.item.latent_key
-        latents[f"{key}.latents"] = z
+        latents[latents_tensor(key)] = z
         if prep.noise is not None:
-            latents[f"{key}.noise"] = prep.noise
+            latents[noise_tensor(key)] = prep.noise
         rows.append(
             {
-                "latent_key": key,
-                "bucket": prep.bucket.name,
-                "latent_shape": list(z.shape),
-                "dtype": str(z.dtype).removeprefix("torch."),
-                "compression": COMPRESSION if cfg.compress_disk_cache else "none",
-                "has_noise": prep.noise is not None,
-                "latents_from": source,
-                "source_frames": prep.info[0],
-                "source_height": prep.info[1],
-                "source_width": prep.info[2],
+                LatentRows.LATENT_KEY: key,
+                LatentRows.BUCKET: prep.bucket.name,
+                LatentRows.LATENT_SHAPE: list(z.shape),
+                LatentRows.DTYPE: str(z.dtype).removeprefix("torch."),
+                LatentRows.COMPRESSION: COMPRESSION if cfg.compress_disk_cache else "none",
+                LatentRows.HAS_NOISE: prep.noise is not None,
+                LatentRows.LATENTS_FROM: source,
+                LatentRows.SOURCE_FRAMES: prep.info[0],
+                LatentRows.SOURCE_HEIGHT: prep.info[1],
+                LatentRows.SOURCE_WIDTH: prep.info[2],
             }
         )
 
@@ -537,35 +407,24 @@ def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str 
 
     table = pd.DataFrame(rows)
     if rows:
-        name = "shard-" + _digest(sorted(r["latent_key"] for r in rows))[:20]
+        name = "shard-" + content_digest(sorted(r[LatentRows.LATENT_KEY] for r in rows))[:20]
         folder = items[0].source.settings.shard_dir
         write_shard(folder / f"{name}.safetensors", latents, cfg.compress_disk_cache)
-        table = table.assign(shard=f"{name}.safetensors")
+        table = table.assign(**{LatentRows.SHARD: f"{name}.safetensors"})
         write_parquet(folder / f"{name}.parquet", table)
-        table = table.assign(path=str(folder / f"{name}.safetensors"))
+        table = table.assign(**{LatentRows.PATH: str(folder / f"{name}.safetensors")})
     return ChunkResult(table, problems, problem_sha, len(items), time.perf_counter() - started)
 
 
 @torch.no_grad()
-def encode_pixels(vae, pixels_BCFHW: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+def encode_pixels(vae, pixels_BCFHW: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
     """Normalised latents (B,C,T,H,W) in float32: the posterior's mode, `(z - latents_mean) / latents_std`."""
     with _MODEL_LOCK:
         z = vae.encode(pixels_BCFHW.to(vae.device, vae.dtype)).latent_dist.mode()
     return normalize_latents(z.float().cpu(), geometry.latents_mean, geometry.latents_std)
 
 
-def normalize_latents(z_BCTHW: torch.Tensor, mean, std) -> torch.Tensor:
-    shape = (1, -1, 1, 1, 1)
-    return (z_BCTHW - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
-
-
-def denormalize_latents(latents_BCTHW: torch.Tensor, mean, std) -> torch.Tensor:
-    """What WanPipeline does before `vae.decode`: `latents * latents_std + latents_mean`."""
-    shape = (1, -1, 1, 1, 1)
-    return latents_BCTHW * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
-
-
-def _prepare(item: WorkItem, cfg, geometry: Geometry) -> _Prepared:
+def _prepare(item: WorkItem, cfg, geometry: LatentGeometry) -> _Prepared:
     """Probe, check and read one clip (runs in a worker thread)."""
     source, s = item.source, item.source.settings
     prep = _Prepared(item)
@@ -609,18 +468,18 @@ def _prepare(item: WorkItem, cfg, geometry: Geometry) -> _Prepared:
     return prep
 
 
-def _take_teacher(prep: _Prepared, geometry: Geometry) -> bool:
+def _take_teacher(prep: _Prepared, geometry: LatentGeometry) -> bool:
     """Use the generate stage's latents when the video is whole and at its bucket's size; else encode it."""
     teacher, bucket = prep.item.source.teacher, prep.bucket
     if prep.info != (bucket.frames, bucket.height, bucket.width):
         return False
     from safetensors.torch import load_file
 
-    latents = load_file(str(teacher.latents))["latents"].float()
-    if list(latents.shape) != geometry.latent_shape(bucket):
+    latents = load_file(str(teacher.latents))[TEACHER_LATENTS_TENSOR].float()
+    if tuple(latents.shape) != geometry.latent_shape(bucket.height, bucket.width, bucket.frames):
         return False
     noise = (
-        load_file(str(teacher.noise))["noise"].float()
+        load_file(str(teacher.noise))[TEACHER_NOISE_TENSOR].float()
         if teacher.noise is not None and teacher.noise.is_file()
         else None
     )
@@ -634,14 +493,14 @@ def encode_texts(params: Params, plan: Plan, device: str | None = None) -> pd.Da
 
     Returns the text shard rows of the captions (reused and new), one per text_key.
     """
-    cfg, text_dir = params.cache, plan.output_dir / "text"
-    device = device or default_device()
+    cfg, text_dir = params.cache, plan.output_dir / TEXT_DIR
+    device = device or str(pick_device())
     captions = sorted({source.caption for source, _, _ in plan.sources})
     keys = {c: text_key(c, plan.text_id) for c in captions}
     available = read_shard_tables([text_dir])
-    have = set(available["text_key"]) if len(available) else set()
+    have = set(available[TextRows.TEXT_KEY]) if len(available) else set()
     todo = [c for c in captions if keys[c] not in have]
-    specials = {"negative": params.negative_prompt, "empty": ""}
+    specials = {"negative": params.model.negative_prompt, "empty": ""}
     stale = {
         name: p
         for name, p in specials.items()
@@ -665,28 +524,28 @@ def encode_texts(params: Params, plan: Plan, device: str | None = None) -> pd.Da
             embeds, _ = embed([prompt])
             write_shard(
                 text_dir / f"{name}.safetensors",
-                {"prompt_embeds": embeds},
+                {PROMPT_EMBEDS_TENSOR: embeds},
                 compress=False,
-                extra={"text_key": text_key(prompt, plan.text_id)},
+                extra={TEXT_KEY_METADATA: text_key(prompt, plan.text_id)},
             )
         tensors, rows = {}, []
         for i in range(0, len(todo), cfg.text_batch_size):
             batch = todo[i : i + cfg.text_batch_size]
             embeds, lengths = embed(batch)
             for caption, e, n in zip(batch, embeds, lengths):
-                tensors[f"{keys[caption]}.prompt_embeds"] = e[:n].clone()
+                tensors[prompt_embeds_tensor(keys[caption])] = e[:n].clone()
                 rows.append(
                     {
-                        "text_key": keys[caption],
-                        "caption": caption,
-                        "text_length": int(n),
-                        "dtype": str(e.dtype).removeprefix("torch."),
+                        TextRows.TEXT_KEY: keys[caption],
+                        TextRows.CAPTION: caption,
+                        TextRows.TEXT_LENGTH: int(n),
+                        TextRows.DTYPE: str(e.dtype).removeprefix("torch."),
                     }
                 )
         if rows:
-            name = "shard-" + _digest(sorted(r["text_key"] for r in rows))[:20]
+            name = "shard-" + content_digest(sorted(r[TextRows.TEXT_KEY] for r in rows))[:20]
             write_shard(text_dir / f"{name}.safetensors", tensors, cfg.compress_disk_cache)
-            table = pd.DataFrame(rows).assign(shard=f"{name}.safetensors")
+            table = pd.DataFrame(rows).assign(**{TextRows.SHARD: f"{name}.safetensors"})
             write_parquet(text_dir / f"{name}.parquet", table)
         _text_encoder.cache_clear()  # the text encoder is not needed again in this run; free its memory
         log.info(
@@ -697,9 +556,12 @@ def encode_texts(params: Params, plan: Plan, device: str | None = None) -> pd.Da
         )
         available = read_shard_tables([text_dir])
     if not len(available):
-        return pd.DataFrame(columns=["text_key", "caption", "text_length", "dtype", "shard", "path", "new"])
-    available = available[available["text_key"].isin(set(keys.values()))].drop_duplicates("text_key")
-    return available.assign(new=available["text_key"].isin({keys[c] for c in todo}))
+        columns = [TextRows.TEXT_KEY, TextRows.CAPTION, TextRows.TEXT_LENGTH, TextRows.DTYPE, TextRows.SHARD]
+        return pd.DataFrame(columns=[*columns, TextRows.PATH, "new"])
+    available = available[available[TextRows.TEXT_KEY].isin(set(keys.values()))].drop_duplicates(
+        TextRows.TEXT_KEY
+    )
+    return available.assign(new=available[TextRows.TEXT_KEY].isin({keys[c] for c in todo}))
 
 
 def _embed(prompts: list[str], tokenizer, encoder, max_len: int) -> tuple[torch.Tensor, list[int]]:
@@ -713,7 +575,7 @@ def _special_key(path: Path) -> str | None:
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("text_key")
+        return (f.metadata() or {}).get(TEXT_KEY_METADATA)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -758,11 +620,13 @@ def finalize_cache(
         else plan.available
     )
     if len(latents):
-        latents = latents.drop_duplicates("latent_key", keep="last").set_index("latent_key", drop=False)
+        latents = latents.drop_duplicates(LatentRows.LATENT_KEY, keep="last").set_index(
+            LatentRows.LATENT_KEY, drop=False
+        )
     problems = list(plan.problems) + [p for r in results for p in r.problems]
     problem_sha = {**plan.problem_sha, **{k: v for r in results for k, v in r.problem_sha.items()}}
     failed = {p.path for p in problems}
-    texts = text_rows.set_index("text_key", drop=False) if len(text_rows) else pd.DataFrame()
+    texts = text_rows.set_index(TextRows.TEXT_KEY, drop=False) if len(text_rows) else pd.DataFrame()
 
     rows, seen = [], set()
     for source, sha, key in plan.sources:
@@ -770,8 +634,8 @@ def finalize_cache(
             continue
         entry = latents.loc[key]
         if not meets_minimum_size(
-            int(entry["source_height"]),
-            int(entry["source_width"]),
+            int(entry[LatentRows.SOURCE_HEIGHT]),
+            int(entry[LatentRows.SOURCE_WIDTH]),
             source.settings.resolution_type,
             source.settings.minimum_image_size,
         ):
@@ -780,7 +644,7 @@ def finalize_cache(
                     source.dataset,
                     str(source.path),
                     "too_small",
-                    f"{source.path}: {entry['source_width']}x{entry['source_height']} is below minimum_image_size={source.settings.minimum_image_size}",
+                    f"{source.path}: {entry[LatentRows.SOURCE_WIDTH]}x{entry[LatentRows.SOURCE_HEIGHT]} is below minimum_image_size={source.settings.minimum_image_size}",
                 )
             )
             problem_sha[str(source.path)] = sha
@@ -793,41 +657,41 @@ def finalize_cache(
         text = texts.loc[tk]
         rows.append(
             {
-                "key": key_,
-                "dataset": source.dataset,
-                "source": str(source.path),
-                "caption": source.caption,
-                "bucket": entry["bucket"],
-                "latent_shape": [int(v) for v in entry["latent_shape"]],
-                "dtype": entry["dtype"],
-                "shard": os.path.relpath(entry["path"], out),
-                "latent_key": key,
-                "text_key": tk,
-                "text_shard": os.path.relpath(Path(text["path"]), out),
-                "text_length": int(text["text_length"]),
-                "has_noise": bool(entry["has_noise"]),
-                "latents_from": entry["latents_from"],
-                "repeats": source.settings.repeats,
-                "source_sha256": sha,
-                "source_frames": int(entry["source_frames"]),
-                "source_height": int(entry["source_height"]),
-                "source_width": int(entry["source_width"]),
+                Index.KEY: key_,
+                Index.DATASET: source.dataset,
+                Index.SOURCE: str(source.path),
+                Index.CAPTION: source.caption,
+                Index.BUCKET: entry[LatentRows.BUCKET],
+                Index.LATENT_SHAPE: [int(v) for v in entry[LatentRows.LATENT_SHAPE]],
+                Index.DTYPE: entry[LatentRows.DTYPE],
+                Index.SHARD: os.path.relpath(entry[LatentRows.PATH], out),
+                Index.LATENT_KEY: key,
+                Index.TEXT_KEY: tk,
+                Index.TEXT_SHARD: os.path.relpath(Path(text[TextRows.PATH]), out),
+                Index.TEXT_LENGTH: int(text[TextRows.TEXT_LENGTH]),
+                Index.HAS_NOISE: bool(entry[LatentRows.HAS_NOISE]),
+                Index.LATENTS_FROM: entry[LatentRows.LATENTS_FROM],
+                Index.REPEATS: source.settings.repeats,
+                Index.SOURCE_SHA256: sha,
+                Index.SOURCE_FRAMES: int(entry[LatentRows.SOURCE_FRAMES]),
+                Index.SOURCE_HEIGHT: int(entry[LatentRows.SOURCE_HEIGHT]),
+                Index.SOURCE_WIDTH: int(entry[LatentRows.SOURCE_WIDTH]),
             }
         )
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     problem_table = _problem_table(problems, problem_sha, cfg.delete_problematic_images)
-    write_parquet(out / "problems.parquet", problem_table)
+    write_parquet(out / PROBLEMS, problem_table)
     counts = problem_table["kind"].value_counts().to_dict()
     if index.empty:
         examples = "\n".join(f"  {p.kind}: {p.reason}" for p in problems[:10])
         raise NoUsableSamplesError(
             f"no usable sample among {len(plan.sources) + len(plan.problems)} source(s) of cache.datasets "
             f"{[d.id for d in cfg.datasets if not d.disabled]}; problems by kind {counts} "
-            f"(all listed in {out / 'problems.parquet'}):\n{examples}"
+            f"(all listed in {out / PROBLEMS}):\n{examples}"
         )
-    write_parquet(out / "index.parquet", index)
+    write_parquet(out / INDEX, index)
     write_json(
-        out / "meta.json",
+        out / META,
         {
             "format": FORMAT_VERSION,
             "vae": plan.vae_id,
@@ -845,27 +709,27 @@ def finalize_cache(
     _remove_unreferenced(out, plan.shard_dirs, index)
     _vae.cache_clear()
     encoded = sum(len(r.rows) for r in results)
+    encoded_keys = {k for r in results if len(r.rows) for k in r.rows[LatentRows.LATENT_KEY]}
     summary = CacheSummary(
         sources=len(plan.sources) + len(plan.problems),
         samples=len(index),
         encoded=encoded,
-        from_teacher=sum(int((r.rows["latents_from"] == "teacher").sum()) for r in results if len(r.rows)),
-        reused=len(index)
-        - int(
-            index["latent_key"].isin({k for r in results if len(r.rows) for k in r.rows["latent_key"]}).sum()
+        from_teacher=sum(
+            int((r.rows[LatentRows.LATENTS_FROM] == "teacher").sum()) for r in results if len(r.rows)
         ),
+        reused=len(index) - int(index[Index.LATENT_KEY].isin(encoded_keys).sum()),
         captions_embedded=int(text_rows["new"].sum()) if "new" in text_rows else 0,
         problems={k: int(counts.get(k, 0)) for k in PROBLEM_KINDS if counts.get(k)},
         seconds=time.perf_counter() - plan.started,
-        buckets=index["bucket"].value_counts().sort_index().to_dict(),
+        buckets=index[Index.BUCKET].value_counts().sort_index().to_dict(),
     )
     # what the cache holds, not what this run did: a rerun that changes nothing rewrites the same bytes
     write_json(
-        out / "summary.json",
+        out / SUMMARY,
         {
             "sources": summary.sources,
             "samples": summary.samples,
-            "teacher_latents": int((index["latents_from"] == "teacher").sum()),
+            "teacher_latents": int((index[Index.LATENTS_FROM] == "teacher").sum()),
             "problems": summary.problems,
             "buckets": summary.buckets,
         },
@@ -890,8 +754,9 @@ def _problem_table(problems: list[Problem], problem_sha: dict[str, str], delete:
 
 def _remove_unreferenced(out: Path, shard_dirs: list[Path], index: pd.DataFrame) -> None:
     """Delete shards (and their row tables) that no index row refers to any more."""
-    used = {(out / s).resolve() for s in index["shard"]} | {(out / s).resolve() for s in index["text_shard"]}
-    for folder in [*shard_dirs, out / "text"]:
+    shards = [*index[Index.SHARD], *index[Index.TEXT_SHARD]]
+    used = {(out / s).resolve() for s in shards}
+    for folder in [*shard_dirs, out / TEXT_DIR]:
         for shard in Path(folder).glob("shard-*.safetensors"):
             if shard.resolve() not in used:
                 shard.with_suffix(".parquet").unlink(missing_ok=True)
@@ -926,200 +791,6 @@ def write_effective_params(params: Params) -> Path:
     path = Path(params.cache.output_dir) / "params.effective.yaml"
     write_text(path, dump_stage(params, "cache"))
     return path
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading: the cache and the training loader
-
-
-class LatentCache:
-    """A built cache directory: `.index` (DataFrame, INDEX_COLUMNS), the special prompts, `.load(key)`."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        for name in ("index.parquet", "meta.json", "text/negative.safetensors", "text/empty.safetensors"):
-            if not (self.root / name).is_file():
-                raise FileNotFoundError(f"{self.root / name}: missing; build the cache with `dmd cache`")
-        self.index = pd.read_parquet(self.root / "index.parquet")
-        self.meta = json.loads((self.root / "meta.json").read_text())
-        self.max_sequence_length = int(self.meta["max_sequence_length"])
-        self._rows = {k: i for i, k in enumerate(self.index["key"])}
-        self._reader = ShardReader()
-        self.negative_prompt_embeds = self._reader.get(
-            self.root / "text/negative.safetensors", "prompt_embeds"
-        )
-        self.empty_prompt_embeds = self._reader.get(self.root / "text/empty.safetensors", "prompt_embeds")
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def load(self, key: str) -> dict[str, torch.Tensor]:
-        """latents (C,T,H,W), prompt_embeds (L,D) zero past the caption's length, and noise (C,T,H,W) if any."""
-        row = self.index.iloc[self._rows[key]]
-        shard = self.root / row["shard"]
-        out = {"latents": self._reader.get(shard, f"{row['latent_key']}.latents")}
-        embeds = self._reader.get(self.root / row["text_shard"], f"{row['text_key']}.prompt_embeds")
-        out["prompt_embeds"] = torch.cat(
-            [embeds, embeds.new_zeros(self.max_sequence_length - embeds.shape[0], embeds.shape[1])]
-        )
-        if row["has_noise"]:
-            out["noise"] = self._reader.get(shard, f"{row['latent_key']}.noise")
-        return out
-
-
-def open_cache(cache_dir: str | Path) -> LatentCache:
-    return LatentCache(cache_dir)
-
-
-@dataclass
-class Batch:
-    """Samples of one bucket, so all latents share a shape."""
-
-    latents_BCTHW: torch.Tensor
-    prompt_embeds_BLD: torch.Tensor
-    captions: list[str]
-    keys: list[str]
-    noise_BCTHW: torch.Tensor | None  # the teacher's initial noise, when every sample has it
-
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Batch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
-
-        return Batch(
-            move(self.latents_BCTHW),
-            move(self.prompt_embeds_BLD),
-            self.captions,
-            self.keys,
-            move(self.noise_BCTHW),
-        )
-
-
-class CacheLoader:
-    """Bucketed batches over a LatentCache, endless over epochs, in an order fixed by (seed, epoch).
-
-    Each epoch every sample appears `1 + repeats` times (`repeats=None`: each dataset's own `repeats`). Per bucket
-    the copies are shuffled and cut into batches; the batches of all buckets are then shuffled together. A bucket
-    with fewer copies than `batch_size` is dropped when the cache was built with `disable_bucket_pruning: false`
-    (logged), and otherwise filled to one full batch by cycling its samples; a larger bucket's last partial
-    batch is dropped when `drop_last`. With `world_size > 1` each rank takes every `world_size`-th batch of the
-    same order. `state_dict()` after n batches, loaded into a new loader, continues at batch n + 1.
-    """
-
-    def __init__(
-        self,
-        cache: LatentCache,
-        batch_size: int,
-        seed: int,
-        repeats: int | None = None,
-        drop_last: bool = True,
-        prune_small_buckets: bool | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be at least 1")
-        self.cache, self.batch_size, self.seed, self.drop_last = cache, batch_size, seed, drop_last
-        self.rank, self.world_size = rank, world_size
-        index = cache.index
-        copies = 1 + (index["repeats"].to_numpy() if repeats is None else np.full(len(index), repeats))
-        prune = (
-            not cache.meta.get("disable_bucket_pruning", True)
-            if prune_small_buckets is None
-            else prune_small_buckets
-        )
-        self._buckets: list[np.ndarray] = []  # per bucket: row numbers, each repeated by its copies
-        pruned = []
-        for name, rows in sorted(index.groupby("bucket").indices.items()):
-            expanded = np.repeat(rows, copies[rows])
-            if prune and len(expanded) < batch_size:
-                pruned.append(f"{name} ({len(expanded)})")
-                continue
-            self._buckets.append(expanded)
-        if pruned:
-            log.warning(
-                "bucket pruning: dropped %d bucket(s) with fewer samples than batch_size=%d: %s "
-                "(set cache.disable_bucket_pruning: true to keep them)",
-                len(pruned),
-                batch_size,
-                ", ".join(pruned),
-            )
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, list[np.ndarray]] | None = None
-        self.fingerprint = _digest(sorted(index["key"]))  # which samples: a resume needs the same ones
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the cache at {cache.root} gives no batch of {batch_size} per rank ({len(index)} samples, "
-                f"buckets {index['bucket'].value_counts().to_dict()}); lower the batch size, add data or "
-                f"set cache.disable_bucket_pruning: true"
-            )
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch_batches(0))
-
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        if self._order is not None and self._order[0] == epoch:
-            return self._order[1]
-        rng = np.random.default_rng([self.seed, epoch])
-        batches = []
-        for rows in self._buckets:
-            perm = rng.permutation(rows)
-            if len(perm) < self.batch_size:
-                batches.append(np.resize(perm, self.batch_size))
-                continue
-            full = len(perm) // self.batch_size * self.batch_size
-            batches += np.split(perm[:full], full // self.batch_size)
-            if not self.drop_last and full < len(perm):
-                batches.append(perm[full:])
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        per_rank = len(batches) // self.world_size
-        mine = batches[self.rank : per_rank * self.world_size : self.world_size]
-        self._order = (epoch, mine)
-        return mine
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            batches = self._epoch_batches(self.epoch)
-            while self.position < len(batches):
-                rows = batches[self.position]
-                self.position += 1
-                yield self._collate(rows)
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def _collate(self, rows: np.ndarray) -> Batch:
-        keys = [str(self.cache.index["key"].iat[r]) for r in rows]
-        items = [self.cache.load(k) for k in keys]
-        noise = [it.get("noise") for it in items]
-        return Batch(
-            latents_BCTHW=torch.stack([it["latents"] for it in items]),
-            prompt_embeds_BLD=torch.stack([it["prompt_embeds"] for it in items]),
-            captions=[str(self.cache.index["caption"].iat[r]) for r in rows],
-            keys=keys,
-            noise_BCTHW=torch.stack(noise) if all(n is not None for n in noise) else None,
-        )
-
-    def state_dict(self) -> dict:
-        return {
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "position": self.position,
-            "fingerprint": self.fingerprint,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(
-                f"loader state has seed {state['seed']}, this loader {self.seed}; resume with the same seed"
-            )
-        if state["fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"the cache at {self.cache.root} changed since this loader state was saved (different samples); "
-                f"an exact resume needs the same cache: rebuild it as it was or start the data order afresh"
-            )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 # --------------------------------------------------------------------------------------------------------------

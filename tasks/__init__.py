@@ -1,1 +1,0 @@
-"""Thin Prefect tasks over the `dmd` library: I/O units, retries, concurrency; no algorithm."""
