@@ -1,9 +1,9 @@
 """Mode coverage on the toy world (issue 20): DMD alone and with its mode-covering terms, 3 training seeds each.
 
 Rows: the 50-step teacher with CFG; DMD as params.yaml has it; DMD + regression; DMD + DMD2's GAN term;
-DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); DMD + regression + consistency;
-DMD with one rollout per step; and the best of the mode-coverage rows (highest diversity among those with FD ≤
-the teacher's and every attribute within 0.02 of it, else the highest diversity) with one rollout per step. Columns: attribute accuracies, FD,
+DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); and the best of the mode-coverage
+rows (highest diversity among those with FD ≤ the teacher's and every attribute within 0.02 of it, else the
+highest diversity) with one rollout per step, whose step time is compared with the same row's two rollouts. Columns: attribute accuracies, FD,
 motion consistency, diversity and pairwise diversity (`dmd.toy.variety.start_position_variety`), training seconds
 per step. Every student row is the mean ± standard deviation over its training seeds; the teacher's spread is the
 bootstrap spread over evaluation seeds. Each figure of one student also carries its own bootstrap spread in the
@@ -16,12 +16,14 @@ change in the machine's load reaches every row alike.
 
     .venv/bin/python benchmarks/mode_coverage.py            # --steps 300 --seeds 3 --eval-seeds 24
 
-Prints the table and writes benchmarks/results/mode_coverage.json.
+Prints the table and writes benchmarks/results/mode_coverage.json after every student; `--resume` keeps the
+students an interrupted run of the same settings wrote there and trains only the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -56,7 +58,6 @@ CANDIDATES = {
     "DMD + GAN": GAN,
     "DMD + regression + GAN": REGRESSION + GAN,
     "DMD + consistency (rCM-style)": CONSISTENCY,
-    "DMD + regression + consistency": REGRESSION + CONSISTENCY,
 }
 FIGURES = ("fd", "motion_consistency", "diversity", "pairwise_diversity", "accuracy_all") + tuple(
     f"acc_{a}" for a in ATTRIBUTES
@@ -96,6 +97,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per row")
     parser.add_argument("--eval-seeds", type=int, default=24, help="evaluation seeds per held-out caption")
     parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--resume", action="store_true", help="keep the students already in --output")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -145,6 +147,16 @@ def main() -> int:
     log.info("%s: %s", teacher_name, teacher_row)
 
     runs: dict[str, list[dict]] = {}
+    if args.resume and Path(args.output).is_file():
+        previous = json.loads(Path(args.output).read_text())
+        same = all(
+            previous.get(k) == v
+            for k, v in (("steps", args.steps), ("eval_seeds_per_caption", args.eval_seeds))
+        )
+        if not same:
+            raise SystemExit(f"{args.output}: written with other --steps/--eval-seeds; run without --resume")
+        kept = {*CANDIDATES, *(f"{name}, one rollout per step" for name in CANDIDATES)}
+        runs.update({name: rs for name, rs in previous["runs"].items() if name in kept})
     output = {
         "machine": dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__),
         "steps": args.steps,
@@ -171,9 +183,8 @@ def main() -> int:
         log.info("%s: %s", name, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
         write_json(args.output, output)
 
-    fixed = {**CANDIDATES, "DMD, one rollout per step": ONE_ROLLOUT}
     for seed_index in range(args.seeds):
-        for name, overrides in fixed.items():
+        for name, overrides in CANDIDATES.items():
             train_and_judge(name, overrides, seed_index)
 
     summary = {
@@ -184,7 +195,7 @@ def main() -> int:
     best = max(meeting or candidates, key=lambda n: candidates[n]["diversity"][0])
     best_name = f"{best}, one rollout per step"
     for seed_index in range(args.seeds):
-        train_and_judge(best_name, [*fixed[best], *ONE_ROLLOUT], seed_index)
+        train_and_judge(best_name, [*CANDIDATES[best], *ONE_ROLLOUT], seed_index)
     summary[best_name] = {k: mean_spread(runs[best_name], k) for k in (*FIGURES, "seconds_per_step")}
     output.update(summary=summary, best=best, meets_goal=meeting)
     write_json(args.output, output)

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
-            from dmd.core import simpletuner
+            from dmd.data import simpletuner
 
             return simpletuner.config_command(args)
         if hasattr(args, "overrides"):

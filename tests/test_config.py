@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dmd.core.config import ConfigError, Params, load, validate
-from dmd.core.simpletuner import CACHE_KEYS, MODEL_KEYS, RENAMED_KEYS, import_simpletuner
+from dmd.data.simpletuner import CACHE_KEYS, MODEL_KEYS, RENAMED_KEYS, import_simpletuner
 
 SEED = Path(__file__).parent / "fixtures" / "seed"
 REPO = Path(__file__).resolve().parents[1]

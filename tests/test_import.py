@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmd.core.config import ConfigError, load, validate
-from dmd.core.simpletuner import TODO, import_simpletuner
+from dmd.data.simpletuner import TODO, import_simpletuner
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = Path(__file__).parent / "fixtures" / "seed"
