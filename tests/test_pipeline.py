@@ -63,7 +63,7 @@ STAGE_SCRIPT = textwrap.dedent(
 
     if Path("as-flow").exists():  # as the dmd stage commands run: inside a Prefect flow of the stage's name
         from prefect import flow
-        from flows.subflow import run_stage_flow
+        from dmd_pipeline.flows.subflow import run_stage_flow
 
         run_stage_flow(flow(name=stage)(work))
     else:
