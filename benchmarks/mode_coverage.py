@@ -171,6 +171,10 @@ def main() -> int:
 
     def train_and_judge(name: str, overrides: list[str], seed_index: int) -> None:
         params = load(args.params, [*overrides, f"train.seed={base.train.run.seed + seed_index}"])
+        if any(r["seed"] == params.train.run.seed for r in runs.get(name, [])):
+            log.info("%s, seed %d: kept from %s", name, params.train.run.seed, args.output)
+            output["overrides"][name] = overrides
+            return
         log.info("%s, seed %d: %s", name, params.train.run.seed, overrides or "params as given")
         roles, seconds, _ = train_student(params, data, args.steps)
         schedule = RolloutSchedule.from_params(params)
