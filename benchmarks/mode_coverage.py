@@ -100,7 +100,8 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="keep the students already in --output")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # OMP_NUM_THREADS=1 when the machine is shared: threads spinning against another process's slow every row down
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
 
     base = load(args.params)
     world = ToyWorld(base.toy)
