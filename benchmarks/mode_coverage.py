@@ -3,7 +3,9 @@
 Rows: the 50-step teacher with CFG; DMD as params.yaml has it; DMD + regression; DMD + DMD2's GAN term;
 DMD + regression + GAN; DMD + the discrete-time consistency term (rCM-style); and the best of the mode-coverage
 rows (highest diversity among those with FD ≤ the teacher's and every attribute within 0.02 of it, else the
-highest diversity) with one rollout per step, whose step time is compared with the same row's two rollouts. Columns: attribute accuracies, FD,
+highest diversity) with one rollout per step. Its step time is compared with the same row's two rollouts in
+short runs side by side (`--timing-rounds`, `--timing-steps`): the table's own column is taken while rows run at
+different times and reads the machine's load as much as the method. Columns: attribute accuracies, FD,
 motion consistency, diversity and pairwise diversity (`dmd.toy.variety.start_position_variety`), training seconds
 per step. Every student row is the mean ± standard deviation over its training seeds; the teacher's spread is the
 bootstrap spread over evaluation seeds. Each figure of one student also carries its own bootstrap spread in the
@@ -98,6 +100,10 @@ def main() -> int:
     parser.add_argument("--eval-seeds", type=int, default=24, help="evaluation seeds per held-out caption")
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help="keep the students already in --output")
+    parser.add_argument(
+        "--timing-rounds", type=int, default=5, help="rounds of the one-rollout step-time comparison"
+    )
+    parser.add_argument("--timing-steps", type=int, default=40, help="training steps per timed run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # OMP_NUM_THREADS=1 when the machine is shared: threads spinning against another process's slow every row down
@@ -203,10 +209,45 @@ def main() -> int:
         train_and_judge(best_name, [*CANDIDATES[best], *ONE_ROLLOUT], seed_index)
     summary[best_name] = {k: mean_spread(runs[best_name], k) for k in (*FIGURES, "seconds_per_step")}
     output.update(summary=summary, best=best, meets_goal=meeting)
+    output["timing"] = time_one_rollout(args, data, CANDIDATES[best], best)
     write_json(args.output, output)
     print_table(teacher_name, teacher_row, summary)
     print(f"wrote {args.output}")
     return 0
+
+
+def time_one_rollout(args, data, overrides: list[str], name: str) -> dict:
+    """Seconds per training step of `name` with two rollouts per step and with one, measured side by side: short
+    runs alternate (the order flips every round) so a change in the machine's load reaches both alike; the
+    figure is the median over rounds, the ratio that of the medians and the median of per-round ratios."""
+    variants = {"two rollouts": overrides, "one rollout": [*overrides, *ONE_ROLLOUT]}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for round_index in range(args.timing_rounds):
+        order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for variant in order:
+            params = load(args.params, variants[variant])
+            _, elapsed, _ = train_student(params, data, args.timing_steps)
+            seconds[variant].append(elapsed / args.timing_steps)
+            log.info("timing round %d, %s: %.3f s/step", round_index, variant, seconds[variant][-1])
+    one, two = np.array(seconds["one rollout"]), np.array(seconds["two rollouts"])
+    timing = {
+        "row": name,
+        "steps_per_run": args.timing_steps,
+        "seconds_per_step": {v: list(s) for v, s in seconds.items()},
+        "median_seconds_per_step": {
+            "two rollouts": float(np.median(two)),
+            "one rollout": float(np.median(one)),
+        },
+        "ratio_of_medians": float(np.median(one) / np.median(two)),
+        "median_round_ratio": float(np.median(one / two)),
+    }
+    print(
+        f"\n{name}: one rollout per step takes {timing['ratio_of_medians']:.2f} of two rollouts' step time "
+        f"(median {timing['median_seconds_per_step']['one rollout']:.3f} against "
+        f"{timing['median_seconds_per_step']['two rollouts']:.3f} s/step over {args.timing_rounds} rounds; "
+        f"median of per-round ratios {timing['median_round_ratio']:.2f})"
+    )
+    return timing
 
 
 def print_table(teacher_name: str, teacher: dict, summary: dict) -> None:

@@ -153,7 +153,11 @@ def test_a_killed_stage_or_parent_leaves_no_trainer_and_no_prefect_server_behind
     env.update(OMP_NUM_THREADS="1", PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}")
     shell = "/bin/sh" if kill == "sh parent" else "/bin/bash"
     parent = subprocess.Popen(
-        [sys.executable, "-c", FAKE_DVC, shell, f"dmd train --params {params_file}"], env=env
+        [sys.executable, "-c", FAKE_DVC, shell, f"dmd train --params {params_file}"],
+        env=env,
+        # as `dvc repro` from a terminal: a suite started under nohup would hand its ignored SIGHUP down, and a
+        # stage started that way is asked to outlive its parent (dmd.core.process.stop_with_parent)
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     try:
         (stage,) = _wait_for(lambda: _descendants(parent.pid, "train"), 60, "dmd train")
