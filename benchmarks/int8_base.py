@@ -53,9 +53,10 @@ from dmd.core.flow_matching import add_noise, sigma_to_timestep, x0_from_velocit
 from dmd.core.io import write_json  # noqa: E402
 from dmd.distill.rollout import RolloutSchedule, sample, transformer_velocity  # noqa: E402
 from dmd.evaluation.metrics import gap_closed  # noqa: E402
-from dmd.student.export import LORA_WEIGHTS, STUDENT_ADAPTER, export_student  # noqa: E402
+from dmd.student.export import STUDENT_ADAPTER, export_student  # noqa: E402
 from dmd.toy.judge import judge_clips, reference_clips  # noqa: E402
 from dmd.toy.world import ATTRIBUTES, ToyWorld  # noqa: E402
+from dmd.wan.formats import LORA_WEIGHTS  # noqa: E402
 from dmd.wan.loading import add_lora, load_transformer  # noqa: E402
 
 log = logging.getLogger("int8_base")
@@ -232,7 +233,12 @@ def toy(args, machine: dict, results: dict) -> None:
         as_trained = sample_all(roles.student, eval_embeds, eval_noise, schedule, base.evaluate.seed)
         student_dir = args.workdir / trained / "student"
         export_student(
-            roles.student_transformer, params, student_dir, ema=params.train.ema.use_ema, step=args.steps
+            roles.student_transformer,
+            params,
+            RolloutSchedule.from_params(params),
+            student_dir,
+            ema=params.train.ema.use_ema,
+            step=args.steps,
         )
         del roles
         last = history[-max(1, len(history) // 10) :]

@@ -1,9 +1,8 @@
 """The `generate-teacher-data` flow (`dmd generate`) and its backfill (`dmd backfill`, deployment
 `generate-teacher-data/backfill`).
 
-`dmd generate [--shards A:B]` maps the shard task over the shards of A:B (default: the whole target) that are
-missing or stale, logs progress, and writes the top-level manifest and params.effective.yaml (the settings the
-stage reads, so a run that generates nothing rewrites the same bytes). The task runner is
+`dmd generate [--shards A:B]` runs the stage (dmd.data.generate.generate_teacher_data) with one Prefect task per
+missing or stale shard of A:B (default: the whole target), logging progress. The task runner is
 `generate.task_runner`: threads in this process, or Dask (a local cluster, or `generate.dask_address`) to spread
 shards over machines.
 
@@ -20,6 +19,7 @@ to a work pool and start `prefect worker start --pool POOL` there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -34,21 +34,21 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmd.core.config import GenerateConfig, Params, dump_stage, load
-from dmd.core.io import remove_stale_temporaries, write_text
+from dmd.core.config import GenerateConfig, Params, load
+from dmd.data import generate as generation
 from dmd.data.generate import (
     GenerationError,
     GenerationPlan,
+    ShardResult,
     generate_shard,
-    missing_shards,
     parse_shard_range,
     prepare,
     settings_hash,
-    write_manifest,
 )
 from dmd.data.prompts import PromptLibraryError
 from dmd.wan.loading import ModelNotFoundError
 
+from .logs import route_library_logs
 from .subflow import run_stage_flow
 
 FLOW_NAME = "generate-teacher-data"
@@ -77,45 +77,15 @@ def generate_teacher_data(
     max_shards: int | None = None,
 ) -> dict:
     """Generate the missing shards of `shards` ('A:B', default all), at most `max_shards` of them."""
-    logger = get_run_logger()
-    params = load(params_file, overrides)
-    plan = prepare(params)
-    remove_stale_temporaries(plan.output_dir)  # what killed runs were writing; running ones' are kept
-    todo = missing_shards(plan, parse_shard_range(shards, plan.num_shards))
-    if max_shards is not None:
-        todo = todo[:max_shards]
-    write_text(plan.output_dir / "params.effective.yaml", dump_stage(params, "generate"))
-    logger.info(
-        "%d shard(s) to generate of %s (target: %d shards, %d videos) into %s",
-        len(todo),
-        shards or "all",
-        plan.num_shards,
-        params.generate.num_videos,
-        plan.output_dir,
-    )
-    results, failed = _run_shards(plan, todo, logger) if todo else ([], [])
-    manifest = write_manifest(plan)
-    left = len(missing_shards(plan))
-    logger.info(
-        "%d of %d shard(s) complete, %d video(s) in %s",
-        plan.num_shards - left,
-        plan.num_shards,
-        len(manifest),
-        plan.output_dir / "manifest.parquet",
-    )
-    if failed:
-        raise RuntimeError(
-            f"shard(s) {failed} failed after {params.generate.retries} retries; see the log above"
-        )
-    return {
-        "generated_shards": [r["shard"] for r in results if r["videos"]],
-        "videos": sum(r["videos"] for r in results),
-        "complete_shards": plan.num_shards - left,
-        "target_shards": plan.num_shards,
-    }
+    route_library_logs()  # the stage's own lines, also in runs a served deployment starts in a new process
+    run_shards = functools.partial(_run_shard_tasks, logger=get_run_logger())
+    report = generation.generate_teacher_data(load(params_file, overrides), shards, max_shards, run_shards)
+    return asdict(report)
 
 
-def _run_shards(plan: GenerationPlan, todo: list[int], logger) -> tuple[list[dict], list[int]]:
+def _run_shard_tasks(plan: GenerationPlan, todo: list[int], logger) -> tuple[list[ShardResult], list[int]]:
+    """The stage's ShardRunner: one Prefect task per shard on the task runner, with the settings' retries; a
+    failed shard is logged and the others go on."""
     cfg = plan.params.generate
     limit = _gpu_limit(logger)
     task = generate_shard_task.with_options(retries=cfg.retries, retry_delay_seconds=cfg.retry_delay_seconds)
@@ -129,7 +99,7 @@ def _run_shards(plan: GenerationPlan, todo: list[int], logger) -> tuple[list[dic
         for future in as_completed(list(futures)):
             shard = futures[future]
             try:
-                result = future.result()
+                result = ShardResult(**future.result())
             except Exception as e:  # the task's own error, after its retries; the other shards go on
                 logger.error("shard %d failed: %s", shard, e)
                 failed.append(shard)
@@ -141,9 +111,9 @@ def _run_shards(plan: GenerationPlan, todo: list[int], logger) -> tuple[list[dic
             logger.info(
                 "shard %d done (%d videos, %.1f s, teacher %.1f s) | %d/%d videos, %.2f videos/s, ETA %.0f s",
                 shard,
-                result["videos"],
-                result["seconds"],
-                result["sampling_seconds"],
+                result.videos,
+                result.seconds,
+                result.sampling_seconds,
                 done,
                 total,
                 rate,

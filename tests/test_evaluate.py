@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dmd.core.config import ToyConfig
 from dmd.core.video import read_video, write_video
+from dmd.distill.rollout import RolloutSchedule
 from dmd.evaluation import evaluate as ev
 from dmd.evaluation.metrics import SpeedStats
 from dmd.evaluation.report import (
@@ -312,7 +313,14 @@ def _export_lora_student(params) -> Path:
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
-    return export_student(transformer, params, params.train.run.output_dir, ema=True, step=0)
+    return export_student(
+        transformer,
+        params,
+        RolloutSchedule.from_params(params),
+        params.train.run.output_dir,
+        ema=True,
+        step=0,
+    )
 
 
 def test_fused_lora_student_samples_like_the_adapter(tiny_params):
@@ -385,7 +393,6 @@ def _quality(metrics: dict) -> dict:
 
 def test_a_second_evaluation_reuses_the_teacher_reference(tiny_params, caplog):
     from dmd.core.io import write_safetensors
-    from dmd.distill.rollout import RolloutSchedule
     from dmd.evaluation.reference import FRAMES
 
     _export_lora_student(tiny_params)
@@ -469,7 +476,6 @@ def test_a_changed_teacher_setting_resamples_every_item(tiny_params):
 def test_evaluate_stage_end_to_end_on_tiny_profile(tiny_params_file, tiny_params, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from dmd.distill.rollout import RolloutSchedule
     from flows.cli import main
 
     _export_lora_student(tiny_params)

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from dmd.core.config import load
-from dmd.distill.rollout import transformer_velocity
+from dmd.distill.rollout import RolloutSchedule, transformer_velocity
 from dmd.student.export import (
     export_student,
     fit_scheduler_config,
     load_student,
     read_card,
-    scheduler_sigmas,
     write_model_card,
 )
 from dmd.student.sample import pipeline_arguments, student_videos
 from dmd.wan.decode import to_uint8
+from dmd.wan.formats import scheduler_sigmas
 from dmd.wan.loading import add_lora, is_int8, load_transformer
 
 PROMPT = "a red square moving right slowly"
@@ -29,6 +29,10 @@ SINGLE_BLOCK = [
     "train.distillation_config.num_training_frames=6",
 ]
 INT8 = ["model.base_model_precision=int8-quanto"]
+
+
+def _schedule(params) -> RolloutSchedule:
+    return RolloutSchedule.from_params(params)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +77,9 @@ def test_the_model_cards_snippet_makes_the_video_dmd_sample_makes(
     from diffusers import WanPipeline
 
     params = load(tiny_params_file, [*SINGLE_BLOCK, "train.lora_rank=4", "train.lora_alpha=8"])
-    out = export_student(_lora_student(params), params, tmp_path / "student", ema=False, step=7)
+    out = export_student(
+        _lora_student(params), params, _schedule(params), tmp_path / "student", ema=False, step=7
+    )
     card = read_card(out)
     assert card["single_block_training"] and card["num_steps"] == 3 and card["train_steps"] == 7
     snippet = _card_snippet(out)
@@ -113,7 +119,7 @@ def test_dmd_sample_writes_the_videos(tiny_params_file, tmp_path):
     from dmd.student.sample import main
 
     params = load(tiny_params_file, SINGLE_BLOCK)
-    export_student(_lora_student(params), params, tmp_path / "student", ema=True, step=1)
+    export_student(_lora_student(params), params, _schedule(params), tmp_path / "student", ema=True, step=1)
     args = argparse.Namespace(params=str(tiny_params_file), overrides=SINGLE_BLOCK, student=str(tmp_path / "student"),
                               prompt=[PROMPT, "a blue circle moving up quickly"], seed=3,
                               output=str(tmp_path / "samples"))  # fmt: skip
@@ -131,7 +137,7 @@ def test_a_full_student_exports_as_a_diffusers_transformer(tiny_params_file, tmp
     transformer = load_transformer(params.model)
     with torch.no_grad():
         transformer.proj_out.bias.add_(1.0)
-    out = export_student(transformer, params, tmp_path / "student", ema=False, step=3)
+    out = export_student(transformer, params, _schedule(params), tmp_path / "student", ema=False, step=3)
     plain = WanTransformer3DModel.from_pretrained(out, subfolder="transformer")
     ours, _ = load_student(out, params)
     for (name, a), b, c in zip(
@@ -175,7 +181,7 @@ def test_the_card_records_the_base_the_student_trained_on(tiny_params_file, tmp_
     }.items():
         params = load(tiny_params_file, overrides)
         student = load_transformer(params.model) if name == "full-int8" else _lora_student(params)
-        out = export_student(student, params, tmp_path / name, ema=False, step=1)
+        out = export_student(student, params, _schedule(params), tmp_path / name, ema=False, step=1)
         cards[name] = (read_card(out), (out / "README.md").read_text())
     assert [cards[n][0]["base_model_precision"] for n in cards] == ["no_change", *["int8-quanto"] * 3]
     assert [cards[n][0]["int8_float_dtype"] for n in cards] == [None, "fp32", "bf16", "fp32"]
@@ -197,7 +203,8 @@ def test_load_student_loads_the_base_the_student_trained_on(tiny_params_file, ti
 
     trained = {"int8": load(tiny_params_file, INT8), "fp": load(tiny_params_file)}
     dirs = {
-        k: export_student(_lora_student(p), p, tmp_path / k, ema=False, step=1) for k, p in trained.items()
+        k: export_student(_lora_student(p), p, _schedule(p), tmp_path / k, ema=False, step=1)
+        for k, p in trained.items()
     }
     # the reference: plain diffusers (+ optimum-quanto), the LoRA loaded on top
     reference = {}
@@ -235,7 +242,7 @@ def test_the_int8_students_card_snippet_makes_the_video_dmd_sample_makes(
     }
     # the same LoRA weights exported as trained on each base
     dirs = {
-        k: export_student(_lora_student(p), p, tmp_path / k / "student", ema=False, step=7)
+        k: export_student(_lora_student(p), p, _schedule(p), tmp_path / k / "student", ema=False, step=7)
         for k, p in params.items()
     }
     snippet = _card_snippet(dirs["int8"])

@@ -25,7 +25,9 @@ from dmd.core.io import sha256_file
 from dmd.core.video import read_video, write_video
 from dmd.data.generate import (
     GenerationError,
+    ShardsFailedError,
     generate_shard,
+    generate_teacher_data,
     missing_shards,
     parse_shard_range,
     prepare,
@@ -301,6 +303,23 @@ def test_complete_shards_are_skipped_and_stale_or_broken_ones_redone(tiny_params
     assert list(manifest["shard"]) == [0, 0]  # shard 1 lost a file, shard 2 was never made
     shard0 = pd.read_parquet(plan.shard_dir(0) / MANIFEST)
     pd.testing.assert_frame_equal(manifest.drop(columns="shard"), shard0)
+
+
+def test_the_stage_writes_the_manifest_of_what_succeeded_then_names_the_failed_shards(tiny_params_file):
+    params = load(tiny_params_file)
+
+    def shard_1_fails(plan, todo):  # as the flow's runner reports a shard whose task failed after its retries
+        return [generate_shard(plan, k) for k in todo if k != 1], [1]
+
+    with pytest.raises(ShardsFailedError, match=r"shard\(s\) \[1\] failed after"):
+        generate_teacher_data(params, run_shards=shard_1_fails)
+    out = Path(params.generate.output_dir)
+    assert list(pd.read_parquet(out / MANIFEST)["shard"].unique()) == [0, 2]
+    assert (out / "params.effective.yaml").is_file()
+
+    report = generate_teacher_data(params, shards="0:3")  # in order, in this process: only shard 1 is left
+    assert (report.generated_shards, report.complete_shards, report.target_shards) == ([1], 3, 3)
+    assert generate_teacher_data(params).videos == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

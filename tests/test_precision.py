@@ -138,7 +138,9 @@ def test_dmd_sample_of_an_exported_student(params_at, tmp_path, precision, model
         for name, p in student.named_parameters():
             if "lora_B" in name or (model_type == "full" and name.startswith("proj_out")):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
-    out = export_student(student, params, tmp_path / "student", ema=False, step=1)
+    out = export_student(
+        student, params, RolloutSchedule.from_params(params), tmp_path / "student", ema=False, step=1
+    )
 
     def video(precision):
         settings = params_at(precision, *overrides)

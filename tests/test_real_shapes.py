@@ -130,10 +130,7 @@ def seed_run(tmp_path_factory, wan_13b, webhook) -> dict:
         f"evaluate.teacher_reference_dir={root / 'eval_reference'}",
     ]
     params = load(root / "params.yaml", here + SIZES)
-    plan = generate.prepare(params)
-    for shard in generate.missing_shards(plan):
-        generate.generate_shard(plan, shard)
-    generate.write_manifest(plan)
+    generate.generate_teacher_data(params)
     build_cache(params)
     student = train(params, progress=False)
     metrics = evaluate(params, progress=False)

@@ -21,10 +21,7 @@ def build_cache(root: Path, tiny_wan_dir: Path) -> dict:
     raw["cache"]["output_dir"] = str(root / "cache")
     raw["cache"]["datasets"][0]["manifest"] = str(root / "data")
     params = validate(raw)
-    plan = generate.prepare(params)
-    for shard in generate.missing_shards(plan):
-        generate.generate_shard(plan, shard)
-    generate.write_manifest(plan)
+    generate.generate_teacher_data(params)
     encode(params)
     return raw
 

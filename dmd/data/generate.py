@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +40,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dmd.core.config import Params
-from dmd.core.io import atomic_dir, sha256_file, write_parquet, write_safetensors
+from dmd.core.config import Params, dump_stage
+from dmd.core.io import (
+    atomic_dir,
+    remove_stale_temporaries,
+    sha256_file,
+    write_parquet,
+    write_safetensors,
+    write_text,
+)
 from dmd.core.video import write_video
 from dmd.data.prompts import Prompt, load_prompt_library, warn_truncated
 from dmd.data.schema import (
@@ -467,3 +474,77 @@ def write_manifest(plan: GenerationPlan) -> pd.DataFrame:
     )
     write_parquet(plan.output_dir / MANIFEST, manifest)
     return manifest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+# (plan, shards to generate) -> (the ShardResults of those that succeeded, the shards that failed)
+ShardRunner = Callable[[GenerationPlan, list[int]], tuple[list[ShardResult], list[int]]]
+
+
+def run_shards_in_order(plan: GenerationPlan, shards: list[int]) -> tuple[list[ShardResult], list[int]]:
+    """The plain ShardRunner: one shard after another in this process; an error stops the stage."""
+    return [generate_shard(plan, k) for k in shards], []
+
+
+class ShardsFailedError(RuntimeError):
+    """Some shards failed (after their retries); the complete ones are in the manifest."""
+
+
+@dataclass
+class GenerationReport:
+    generated_shards: list[int]  # shards this run wrote
+    videos: int  # videos this run wrote
+    complete_shards: int  # complete shards of the target after the run
+    target_shards: int
+
+
+def generate_teacher_data(
+    params: Params,
+    shards: str | None = None,
+    max_shards: int | None = None,
+    run_shards: ShardRunner = run_shards_in_order,
+) -> GenerationReport:
+    """The generate stage: the missing or stale shards of `shards` ('A:B', default all; at most `max_shards`),
+    then the top-level manifest and params.effective.yaml (the settings the stage reads, so a run that generates
+    nothing rewrites the same bytes).
+
+    `run_shards` decides where shards run: in order here by default; the Prefect flow passes one that maps them
+    over its task runner. Shards that fail there are reported after the manifest of the others is written.
+    """
+    plan = prepare(params)
+    remove_stale_temporaries(plan.output_dir)  # what killed runs were writing; running ones' are kept
+    todo = missing_shards(plan, parse_shard_range(shards, plan.num_shards))
+    if max_shards is not None:
+        todo = todo[:max_shards]
+    write_text(plan.output_dir / "params.effective.yaml", dump_stage(params, "generate"))
+    log.info(
+        "%d shard(s) to generate of %s (target: %d shards, %d videos) into %s",
+        len(todo),
+        shards or "all",
+        plan.num_shards,
+        params.generate.num_videos,
+        plan.output_dir,
+    )
+    results, failed = run_shards(plan, todo) if todo else ([], [])
+    manifest = write_manifest(plan)
+    left = len(missing_shards(plan))
+    log.info(
+        "%d of %d shard(s) complete, %d video(s) in %s",
+        plan.num_shards - left,
+        plan.num_shards,
+        len(manifest),
+        plan.output_dir / MANIFEST,
+    )
+    if failed:
+        raise ShardsFailedError(
+            f"shard(s) {sorted(failed)} failed after {params.generate.retries} retries; see the log above"
+        )
+    return GenerationReport(
+        generated_shards=[r.shard for r in results if r.videos],
+        videos=sum(r.videos for r in results),
+        complete_shards=plan.num_shards - left,
+        target_shards=plan.num_shards,
+    )

@@ -16,13 +16,16 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import WanTransformer3DModel
 
 from dmd.core.config import Params, TrainConfig
 from dmd.distill.rollout import transformer_velocity
 from dmd.wan.loading import MIXED_PRECISION_DTYPES, add_lora, load_transformer, place_int8
+
+if TYPE_CHECKING:
+    from diffusers import WanTransformer3DModel
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,18 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import yaml
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 from dmd.core.config import ModelConfig, Params
 from dmd.core.io import atomic_dir, write_json, write_text
 from dmd.distill.rollout import RolloutSchedule
 from dmd.distill.schedule import denoising_sigmas
 from dmd.student.sample import pipeline_arguments
+from dmd.wan.formats import LORA_WEIGHTS, save_lora_weights, save_scheduler, scheduler_sigmas
 from dmd.wan.loading import (
     DTYPE_NAMES,
     DTYPES,
@@ -46,9 +47,11 @@ from dmd.wan.loading import (
     load_transformer_folder,
 )
 
+if TYPE_CHECKING:
+    from diffusers import WanTransformer3DModel
+
 log = logging.getLogger(__name__)
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STUDENT_CARD = "student.json"
 STUDENT_ADAPTER = "student"
 # σs the shipped scheduler config reproduces within this are treated as exact
@@ -57,13 +60,6 @@ SIGMA_TOLERANCE = 1e-5
 
 # --------------------------------------------------------------------------------------------------------------
 # The few-step scheduler config
-
-
-def scheduler_sigmas(config: dict, num_steps: int) -> np.ndarray:
-    """The σs diffusers' FlowMatchEulerDiscreteScheduler(**config) steps through for `num_steps` (terminal 0 dropped)."""
-    scheduler = FlowMatchEulerDiscreteScheduler(**config)
-    scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas[:-1].numpy().astype(np.float64)
 
 
 def fit_scheduler_config(sigmas: list[float]) -> tuple[dict, float]:
@@ -142,12 +138,14 @@ def student_card(
 def export_student(
     transformer: WanTransformer3DModel,
     params: Params,
+    schedule: RolloutSchedule,
     output_dir: str | Path,
     *,
     ema: bool,
     step: int,
 ) -> Path:
-    """Write the student (the weights `transformer` holds now; swap EMA weights in before calling) to `output_dir`."""
+    """Write the student (the weights `transformer` holds now; swap EMA weights in before calling), which trained
+    with `schedule`, to `output_dir`."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / STUDENT_CARD).unlink(missing_ok=True)  # the directory is incomplete until the card is back
@@ -156,21 +154,14 @@ def export_student(
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     if params.train.student.model_type == "lora":
-        from peft.utils import get_peft_model_state_dict
-
-        layers = get_peft_model_state_dict(transformer, adapter_name=STUDENT_ADAPTER)
-        metadata = transformer.peft_config[STUDENT_ADAPTER].to_dict()
         with atomic_dir(out / ".lora") as tmp:
-            WanPipeline.save_lora_weights(
-                tmp, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-            )
+            save_lora_weights(tmp, transformer, STUDENT_ADAPTER)
         (out / ".lora" / LORA_WEIGHTS).replace(out / LORA_WEIGHTS)
         shutil.rmtree(out / ".lora")
     else:
         with atomic_dir(out / "transformer") as tmp:
             transformer.save_pretrained(tmp, safe_serialization=True)
 
-    schedule = RolloutSchedule.from_params(params)
     config, sigma_error = fit_scheduler_config(list(schedule.sigmas))
     if sigma_error > SIGMA_TOLERANCE:
         log.warning(
@@ -180,7 +171,7 @@ def export_student(
             sigma_error,
         )
     with atomic_dir(out / "scheduler") as tmp:
-        FlowMatchEulerDiscreteScheduler(**config).save_pretrained(tmp)
+        save_scheduler(tmp, config)
 
     card = student_card(params, schedule, ema=ema, step=step, sigma_error=sigma_error)
     write_model_card(out, params, card)

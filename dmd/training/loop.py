@@ -182,7 +182,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
                 )
             with ema.swapped_in() if exports_ema else contextlib.nullcontext():
                 export_student(
-                    roles.student_transformer, params, student_dir, ema=exports_ema, step=state.step
+                    roles.student_transformer, params, schedule, student_dir, ema=exports_ema, step=state.step
                 )
         acc.wait_for_everyone()
     except BaseException as error:
