@@ -28,6 +28,7 @@ HANDLERS = {
     "generate": ".generate:main",
     "backfill": ".generate:backfill_main",
     "cache": ".cache:main",
+    "ode-init": ".ode_init:main",
     "train": ".train:main",
     "evaluate": ".evaluate:main",
     "pipeline": ".pipeline:main",
@@ -41,7 +42,9 @@ SET_HELP = (
     "is that text, `key=` the empty string, `key=null` null, `key=[1000, 757]` a list; checked like the file"
 )
 # The commands that run Prefect flows (the others never import Prefect).
-FLOW_COMMANDS = {"toy-teacher", "generate", "backfill", "cache", "train", "evaluate", "pipeline", "serve"}
+FLOW_COMMANDS = {
+    "toy-teacher", "generate", "backfill", "cache", "ode-init", "train", "evaluate", "pipeline", "serve",
+}  # fmt: skip
 
 
 def _settings(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -111,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--start-at", help="ISO time of the first run (default: now)")
     b.add_argument("--every", default="0s", help="spacing between runs, e.g. 10m, 1h (default: all at once)")
     _settings(sub.add_parser("cache", help="encode VAE latents and T5 embeddings into the cache"))
+    _settings(
+        sub.add_parser(
+            "ode-init",
+            help="regress the student on the teacher's ODE trajectories, before DMD",
+            description="With ode_init.enabled: regress the student (block-causal when train.causal) on the "
+            "teacher's trajectories in the cache (generate.save_trajectory) and write it to ode_init.output_dir, "
+            "where training starts from it; otherwise record that DMD starts from the teacher.",
+        )
+    )
     _settings(
         sub.add_parser(
             "train",

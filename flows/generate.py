@@ -109,9 +109,11 @@ def _run_shard_tasks(plan: GenerationPlan, todo: list[int], logger) -> tuple[lis
             elapsed = time.perf_counter() - start
             rate = done / elapsed
             logger.info(
-                "shard %d done (%d videos, %.1f s, teacher %.1f s) | %d/%d videos, %.2f videos/s, ETA %.0f s",
+                "shard %d done (%d videos, %d trajectories, %.1f s, teacher %.1f s) | %d/%d videos, %.2f videos/s, "
+                "ETA %.0f s",
                 shard,
                 result.videos,
+                result.trajectories,
                 result.seconds,
                 result.sampling_seconds,
                 done,

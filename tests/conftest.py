@@ -48,6 +48,7 @@ def tiny_params_file(tmp_path, tiny_wan_dir) -> Path:
     for section, key in [
         ("generate", "output_dir"),
         ("cache", "output_dir"),
+        ("ode_init", "output_dir"),
         ("train", "output_dir"),
         ("train", "checkpoint_dir"),
         ("evaluate", "metrics_path"),

@@ -177,7 +177,10 @@ def test_an_empty_or_partial_settings_file_is_not_silently_replaced_by_defaults(
     partial.write_text("train:\n  max_train_steps: 10\n")
     result = dmd("config", "validate", str(partial))
     assert result.returncode == 0, result.stderr
-    assert "section(s) model, toy, toy_teacher, generate, cache, evaluate not in the file" in result.stderr
+    assert (
+        "section(s) model, toy, toy_teacher, generate, cache, ode_init, evaluate not in the file"
+        in result.stderr
+    )
 
 
 def test_default_params_validate_with_cli():

@@ -23,6 +23,7 @@ ENTRY_MODULES = {
     "toy_teacher": "dmd.toy.teacher",
     "generate": "dmd.data.generate",
     "cache": "dmd.data.cache.build",
+    "ode_init": "dmd.training.ode_init",
     "train": "dmd.training.loop",
     "evaluate": "dmd.evaluation.evaluate",
 }
@@ -31,6 +32,7 @@ FLOW_NAMES = {  # the Prefect flow each stage's command runs
     "toy_teacher": "toy-teacher",
     "generate": "generate-teacher-data",
     "cache": "cache",
+    "ode_init": "ode-init",
     "train": "train",
     "evaluate": "evaluate",
 }

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dmd.core.config import DistillationConfig, Params
+from dmd.core.flow_matching import denoising_sigmas
 from dmd.distill.method import DMDMethod
 from dmd.distill.roles import make_roles
 from dmd.distill.rollout import RolloutSchedule
-from dmd.distill.schedule import denoising_sigmas
 from dmd.training.optim import build_critic_optimizer, build_groups
 from dmd.wan.tiny import build_transformer
 

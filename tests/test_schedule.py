@@ -6,12 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmd.distill.schedule import (
-    ScoreTimestepRange,
-    choose_exit_indices,
-    denoising_sigmas,
-    exit_bounds,
-)
+from dmd.core.flow_matching import denoising_sigmas
+from dmd.distill.schedule import ScoreTimestepRange, choose_exit_indices, exit_bounds
 
 
 def _shift(s, x):

@@ -20,6 +20,7 @@ from train_world import build_cache, run_params
 
 from dmd.core.config import load
 from dmd.core.video import read_video
+from dmd.student.sample import student_videos
 from dmd.training.checkpoint import CheckpointManager
 from dmd.training.loop import train
 
@@ -120,6 +121,42 @@ def test_gradient_checkpointing_gives_the_same_updates(world, tmp_path):
     for role in ("student", "critic"):
         for key in results[0][role]:
             assert torch.allclose(results[0][role][key], results[1][role][key], atol=1e-6), f"{role} {key}"
+
+
+def test_a_causal_student_trains_the_same_with_checkpointing_exports_and_streams_past_its_length(
+    world, tmp_path
+):
+    """train.causal on a LoRA student sharing its base with both scores: the rollout is block-causal only while the
+    student runs (backward comes after, recomputed block-causally under gradient checkpointing), so checkpointing
+    changes nothing; the key changes the updates; the export says so and samples a clip twice the trained length."""
+    results = {}
+    for name, settings in {
+        "causal": dict(causal=True),
+        "causal-gc": dict(causal=True, gradient_checkpointing=True),
+        "prefix": dict(causal=False),
+    }.items():
+        run = tmp_path / name
+        train(load(run_params(world, run, max_train_steps=2, checkpoint_step_interval=2, learning_rate=1e-2,
+                              **settings)), progress=False)  # fmt: skip
+        results[name] = _final(run)
+    for role in ("student", "critic"):
+        for key in results["causal"][role]:
+            assert torch.allclose(results["causal"][role][key], results["causal-gc"][role][key], atol=1e-6), (
+                key
+            )
+    assert any(
+        not torch.allclose(results["causal"]["student"][k], results["prefix"]["student"][k], atol=1e-6)
+        for k in results["causal"]["student"]
+    )
+
+    student_dir = tmp_path / "causal" / "student"
+    card = json.loads((student_dir / "student.json").read_text())
+    assert card["causal"] is True and card["num_training_frames"] == 6
+    assert "**Block-causal.**" in (student_dir / "README.md").read_text()
+    twice = ["train.validation_num_video_frames=45"]  # 12 latent frames, the trained rollout's 6 twice over
+    params = load(tmp_path / "causal" / "params.yaml", twice)
+    ((latents, frames),) = student_videos(params, student_dir, ["a red square moving right slowly"], seed=0)
+    assert latents.shape[2] == 12 and frames.shape[0] == 45 and torch.isfinite(latents).all()
 
 
 def test_one_process_trains_at_one_precision_after_another(world, tmp_path):

@@ -196,6 +196,13 @@ class GenerateConfig(Section):
     )
     save_latents: bool = Field(True, description="Save each video's exact teacher latents next to it.")
     save_noise: bool = Field(True, description="Save each video's initial noise next to it.")
+    save_trajectory: bool = Field(
+        False,
+        description="Also save each video's teacher trajectory at the student's σs (train.distillation_config."
+        "dmd_denoising_steps, warped when warp_denoising_steps), to initialise a student by regression on it; "
+        "the clean end is the latents file. Turning it on adds trajectories to existing shards without "
+        "regenerating their videos.",
+    )
     device: str = Field(
         "auto", description="'auto' (cuda when available, else cpu) or a torch device string."
     )
@@ -232,6 +239,11 @@ class GenerateConfig(Section):
     @model_validator(mode="after")
     def _shape(self):
         _check_frames("generate.num_frames", self.num_frames)
+        if self.save_trajectory and not self.save_latents:
+            raise ValueError(
+                "generate.save_trajectory needs generate.save_latents: true (the latents file is the "
+                "trajectory's clean end); turn save_latents on or save_trajectory off"
+            )
         if self.backfill_interval_seconds is not None and self.backfill_cron is not None:
             raise ValueError(
                 "generate.backfill_interval_seconds and generate.backfill_cron are both set; "
@@ -339,6 +351,22 @@ class CacheConfig(Section):
         "own size and the video is unchanged since generation; otherwise encode the video.",
     )
     num_workers: int = Field(2, ge=0, description="Threads decoding and resizing videos (0: inline).")
+
+
+class OdeInitConfig(Section):
+    """The student's initialisation by regression on the teacher's ODE trajectories, before DMD
+    (dmd/training/ode_init.py; CausVid, Self-Forcing). Needs generate.save_trajectory."""
+
+    enabled: bool = Field(
+        False,
+        description="Regress the student (block-causal when train.causal) on the teacher's trajectories at its "
+        "steps, and start DMD from the result; false: DMD starts from the teacher's weights.",
+    )
+    output_dir: str = Field("output/ode-init", description="The ODE-initialised student and ode_init.json.")
+    max_train_steps: int = Field(200, ge=1, description="Regression steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (train.optimizer, constant).")
+    train_batch_size: int = Field(8, ge=1, description="Samples per step.")
+    seed: int = Field(0, description="Seeds the data order and the steps drawn per block.")
 
 
 class DistillationConfig(Section):
@@ -577,6 +605,12 @@ class StudentConfig(TrainGroup):
         False,
         description="Recompute transformer activations in backward (diffusers' gradient checkpointing).",
     )
+    causal: bool = Field(
+        False,
+        description="A block-causal student with a KV cache (Self-Forcing): each time block of "
+        "distillation_config attends to itself and earlier blocks only, and generates after them, streaming and "
+        "past the trained length; false: each block re-reads its whole prefix bidirectionally.",
+    )
 
 
 class BatchConfig(TrainGroup):
@@ -736,6 +770,7 @@ TRAIN_KEY_ORDER = (
     "lora_rank",
     "lora_alpha",
     "lora_type",
+    "causal",
     "learning_rate",
     "optimizer",
     "lr_scheduler",
@@ -836,6 +871,16 @@ class TrainConfig(Section):
                 "distillation_config.gen_cls_loss_weight > 0 with gradient_checkpointing and a LoRA student and "
                 "critic on one base: the student's backward recomputes both adapters' forwards, but the base holds "
                 "one active adapter; turn gradient_checkpointing off, or use a full student or a full-copy critic"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _causal_sampling(self):
+        if self.student.causal and self.validation.validation_guidance > 1:
+            # one KV cache holds one prompt's context: CFG's unconditional pass would read the conditional one's
+            raise ValueError(
+                f"causal: true with validation_guidance={self.validation.validation_guidance}: a block-causal "
+                "student samples without CFG (the guidance is distilled into it); set validation_guidance: 1"
             )
         return self
 
@@ -943,6 +988,7 @@ class Params(Section):
     toy_teacher: ToyTeacherConfig = Field(default_factory=ToyTeacherConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    ode_init: OdeInitConfig = Field(default_factory=OdeInitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
@@ -1189,11 +1235,21 @@ def dump(params: Params) -> str:
 # agree): a section, a key, or a sub-section.
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "toy_teacher": ("toy", "toy_teacher", "model.flow_schedule_shift", "model.max_sequence_length"),
-    "generate": ("generate", "toy", "model"),
+    "generate": (
+        "generate", "toy", "model", "train.distillation_config.dmd_denoising_steps",
+        "train.distillation_config.warp_denoising_steps",
+    ),
     "cache": ("cache", "model"),
+    "ode_init": (
+        "ode_init.enabled", "ode_init.output_dir", "ode_init.max_train_steps", "ode_init.learning_rate",
+        "ode_init.train_batch_size", "ode_init.seed", "model", "cache.output_dir", "train.causal",
+        "train.model_type", "train.lora_rank", "train.lora_alpha", "train.optimizer", "train.max_grad_norm",
+        "train.distillation_config.dmd_denoising_steps", "train.distillation_config.warp_denoising_steps",
+        "train.distillation_config.num_frame_per_block", "train.distillation_config.independent_first_frame",
+    ),
     "train": (
-        "train", "model", "toy", "cache.output_dir", "generate.fps", "generate.prompts",
-        "evaluate.metrics_path", "evaluate.report_dir",
+        "train", "model", "toy", "cache.output_dir", "ode_init.enabled", "ode_init.output_dir", "generate.fps",
+        "generate.prompts", "evaluate.metrics_path", "evaluate.report_dir",
     ),
     "evaluate": (
         "evaluate", "toy", "model", "train.output_dir", "train.model_type", "train.distillation_config",
@@ -1218,16 +1274,42 @@ RUN_SETTINGS = frozenset({
 })  # fmt: skip
 
 
+# Settings a stage reads only while one of its own switches is on: with the switch off they are left out of what the
+# stage records, so changing them (the student's steps, say) leaves that stage's outputs as they were.
+SWITCHED_SETTINGS: dict[str, dict[str, str]] = {
+    "ode_init": {
+        key: "ode_init.enabled"
+        for key in STAGE_SETTINGS["ode_init"]
+        if key not in ("ode_init.enabled", "ode_init.output_dir")
+    },
+    "generate": {
+        "train.distillation_config.dmd_denoising_steps": "generate.save_trajectory",
+        "train.distillation_config.warp_denoising_steps": "generate.save_trajectory",
+    },
+}
+
+
 def stage_settings(params: Params, stage: str) -> dict:
-    """The settings `stage` reads (STAGE_SETTINGS) less RUN_SETTINGS, nested as in params.yaml."""
+    """The settings `stage` reads (STAGE_SETTINGS) less RUN_SETTINGS and less the SWITCHED_SETTINGS whose switch is
+    off, nested as in params.yaml."""
     full = params.model_dump(mode="json")
+
+    def value(entry: str):
+        node = full
+        for name in entry.split("."):
+            node = node[name]
+        return node
+
+    switched = SWITCHED_SETTINGS.get(stage, {})
     out: dict = {}
     for entry in STAGE_SETTINGS[stage]:
+        if entry in switched and not value(switched[entry]):
+            continue
         *parents, leaf = entry.split(".")
-        source, target = full, out
+        target = out
         for name in parents:
-            source, target = source[name], target.setdefault(name, {})
-        target[leaf] = json.loads(json.dumps(source[leaf]))
+            target = target.setdefault(name, {})
+        target[leaf] = json.loads(json.dumps(value(entry)))
     for entry in RUN_SETTINGS:
         section, key = entry.split(".")
         out.get(section, {}).pop(key, None)

@@ -23,6 +23,18 @@ def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | flo
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def denoising_sigmas(steps: list[int], warp_shift: float | None = None) -> torch.Tensor:
+    """σ of each `dmd_denoising_steps` entry (0–1000 scale), in order, optionally warped through a shift.
+
+    Unwarped (the default), step 757 is σ = 0.757. Warped, it is shift(0.757, s), as a diffusers scheduler
+    built with `shift=s` would place it; with s > 1 every step moves towards more noise.
+    """
+    sigmas = torch.tensor([float(timestep_to_sigma(t)) for t in steps], dtype=torch.float64)
+    if warp_shift is not None:
+        sigmas = shift_sigma(sigmas, warp_shift)
+    return sigmas.float()
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """x_σ = (1 − σ)·x0 + σ·ε; `sigma` is a float or one value per sample (B,)."""
     sigma = _per_sample(sigma, x0)

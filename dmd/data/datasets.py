@@ -85,7 +85,7 @@ class DatasetSettings:
 
 @dataclass(frozen=True)
 class TeacherFiles:
-    """What the generate stage recorded for a video: its exact latents/noise and the video it wrote."""
+    """What the generate stage recorded for a video: its exact latents/noise/trajectory and the video it wrote."""
 
     latents: Path | None
     noise: Path | None
@@ -94,6 +94,7 @@ class TeacherFiles:
     height: int | None
     width: int | None
     teacher: str | None
+    trajectory: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ def _teacher_files(row: dict, shard_dir: Path) -> TeacherFiles | None:
         height=integer(Manifest.HEIGHT),
         width=integer(Manifest.WIDTH),
         teacher=teacher if isinstance(teacher, str) and teacher else None,
+        trajectory=path(Manifest.TRAJECTORY),
     )
 
 

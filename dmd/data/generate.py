@@ -7,8 +7,11 @@ Layout of `generate.output_dir`:
     shard-NNNNN/{id}.latents.safetensors   key `latents`, (C,T,H,W): the exact latents the video was decoded from,
                                            in the normalised space the transformer works in (save_latents)
     shard-NNNNN/{id}.noise.safetensors     key `noise`, (C,T,H,W): the initial noise of the sample (save_noise)
+    shard-NNNNN/{id}.trajectory.safetensors
+                                           key `trajectory`, (K,C,T,H,W) float32: the teacher's latents at the
+                                           student's σs, listed in its metadata and the manifest (save_trajectory)
     shard-NNNNN/manifest.parquet           one row per video (MANIFEST_COLUMNS; paths relative to the shard)
-    manifest.parquet                       every complete shard's rows plus a `shard` column
+    manifest.parquet                       every current shard's rows plus a `shard` column
 
 Sample i (its global index) has id `f"{i:08d}"`, prompt `prompts[prompt_index(seed, i, len(prompts))]` (the library in
 a hashed order, a new one per pass) and seed `sample_seed(seed, i)`;
@@ -17,6 +20,13 @@ on which run, shard, batch or device made it, and any shard can be regenerated a
 temporary directory and renamed when complete, so a killed run leaves nothing that counts as done. Each shard
 manifest carries a fingerprint of everything that determined its content (settings, prompts, seeds, teacher); a
 shard whose fingerprint differs from the current plan is stale and is regenerated.
+
+Trajectories (`generate.save_trajectory`) are the σs of `trajectory_sigmas`, exactly the student's rollout σs; the
+clean end point is the latents file. They enter the fingerprint only when on, so shards made without them keep
+theirs. A shard whose videos, latents and noise are current but whose trajectories are not (absent, at other σs,
+or no longer wanted) is 'missing_trajectories': generating it runs the teacher again from the saved noise and
+swaps in, atomically, the same video, latents and noise files (hard links, byte for byte), the trajectory files and
+an updated manifest. The top-level manifest lists such a shard without its trajectories meanwhile.
 """
 
 from __future__ import annotations
@@ -40,7 +50,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dmd.core.config import Params, dump_stage
+from dmd.core.config import ModelConfig, Params, dump_stage
+from dmd.core.flow_matching import denoising_sigmas
 from dmd.core.io import (
     atomic_dir,
     remove_stale_temporaries,
@@ -57,7 +68,10 @@ from dmd.data.schema import (
     MANIFEST_SHARD,
     TEACHER_LATENTS_TENSOR,
     TEACHER_NOISE_TENSOR,
+    TEACHER_TRAJECTORY_TENSOR,
+    TRAJECTORY_SIGMAS_METADATA,
     Manifest,
+    sigmas_cell,
     teacher_shard_name,
 )
 from dmd.wan.device import resolve_device
@@ -69,7 +83,18 @@ _SAMPLE_FILE_COLUMNS = (
     Manifest.VIDEO,
     Manifest.LATENTS,
     Manifest.NOISE,
-)  # a shard is complete when all exist
+)  # a shard is complete when all exist (and its trajectories, when wanted)
+
+# Shard states (GenerationPlan.status)
+COMPLETE = "complete"
+MISSING_TRAJECTORIES = "missing_trajectories"
+STALE = "stale"
+MISSING = "missing"
+
+# How far, relative to their norm, the latents of a teacher run made again for a trajectory may lie from the saved
+# ones: reruns on the same device and precision agree exactly; another GPU or kernel moves them slightly, while another
+# teacher, noise or precision moves them by about their own size
+REGENERATED_LATENTS_TOLERANCE = 1e-2
 
 
 class GenerationError(ValueError):
@@ -132,7 +157,7 @@ def parse_shard_range(text: str | None, num_shards: int) -> range:
 def generation_settings(params: Params) -> dict:
     """Every setting that determines what a sample looks like (the teacher's weights aside)."""
     cfg, model = params.generate, params.model
-    return {
+    settings = {
         "teacher": model.pretrained_model_name_or_path,
         "text_encoder": model.text_encoder_path,
         "revision": model.revision,
@@ -155,6 +180,21 @@ def generation_settings(params: Params) -> dict:
         "save_latents": cfg.save_latents,
         "save_noise": cfg.save_noise,
     }
+    sigmas = trajectory_sigmas(params)
+    if sigmas is not None:  # absent when off: shards made before trajectories existed keep their fingerprint
+        settings["trajectory_sigmas"] = list(sigmas)
+    return settings
+
+
+def trajectory_sigmas(params: Params) -> tuple[float, ...] | None:
+    """The σs at which the teacher's trajectory is saved, None when generate.save_trajectory is off: the student's
+    rollout σs (dmd.distill.rollout.RolloutSchedule.from_params(params).sigmas), from
+    train.distillation_config.dmd_denoising_steps, warped by model.flow_schedule_shift when warp_denoising_steps."""
+    if not params.generate.save_trajectory:
+        return None
+    dc = params.train.distillation_config
+    warp = params.model.flow_schedule_shift if dc.warp_denoising_steps else None
+    return tuple(denoising_sigmas(dc.dmd_denoising_steps, warp).tolist())
 
 
 def settings_hash(params: Params, length: int = 12) -> str:
@@ -209,39 +249,69 @@ class GenerationPlan:
             out.append(Sample(i, sample_id(i), prompt.id, prompt.text, sample_seed(cfg.seed, i)))
         return out
 
+    @property
+    def trajectory_sigmas(self) -> tuple[float, ...] | None:
+        return trajectory_sigmas(self.params)
+
     def fingerprint(self, shard: int) -> str:
+        return self.fingerprint_with(shard, self.trajectory_sigmas)
+
+    def fingerprint_with(self, shard: int, sigmas: tuple[float, ...] | None) -> str:
+        """The fingerprint of `shard` made with these settings and trajectories at `sigmas` (None: none)."""
         settings = generation_settings(self.params)
         # the samples cover these, and the teacher's content (teacher_revision) its location
         for key in ("num_videos", "shard_size", "prompts", "toy", "seed", "teacher", "text_encoder"):
             settings.pop(key)
+        settings.pop("trajectory_sigmas", None)  # the argument's, not the settings'
         content = {
             "settings": settings,
             "teacher_revision": self.teacher_revision,
             "samples": [(s.id, s.prompt_id, s.prompt, s.seed) for s in self.samples(shard)],
         }
+        if sigmas is not None:
+            content["trajectory_sigmas"] = list(sigmas)
         return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def status(self, shard: int) -> str:
-        """'complete', 'stale' (made with other settings, or files missing) or 'missing'."""
+        """COMPLETE; MISSING_TRAJECTORIES (videos, latents and noise current, trajectories absent, at other σs or no
+        longer wanted); STALE (made with other settings, or files missing); or MISSING."""
         manifest = self.shard_dir(shard) / MANIFEST
         if not manifest.is_file():
-            return "missing"
+            return MISSING
         try:
-            rows = pd.read_parquet(manifest, columns=[Manifest.FINGERPRINT, *_SAMPLE_FILE_COLUMNS])
+            rows = pd.read_parquet(manifest)
         except Exception:  # an unreadable manifest makes the shard unusable, whatever the reason
-            return "stale"
-        fingerprints = set(rows[Manifest.FINGERPRINT])
-        if len(rows) != len(self.samples(shard)) or fingerprints != {self.fingerprint(shard)}:
-            return "stale"
+            return STALE
+        needed = (Manifest.FINGERPRINT, *_SAMPLE_FILE_COLUMNS)
+        if any(col not in rows for col in needed) or len(rows) != len(self.samples(shard)):
+            return STALE
         files = [f for col in _SAMPLE_FILE_COLUMNS for f in rows[col] if isinstance(f, str)]
         if not all((self.shard_dir(shard) / f).is_file() for f in files):
-            return "stale"
-        return "complete"
+            return STALE
+        fingerprints = set(rows[Manifest.FINGERPRINT])
+        if fingerprints == {self.fingerprint(shard)}:
+            return COMPLETE if self._trajectories_present(shard, rows) else MISSING_TRAJECTORIES
+        made_with = (
+            {sigmas_cell(v) for v in rows[Manifest.TRAJECTORY_SIGMAS]}
+            if Manifest.TRAJECTORY_SIGMAS in rows
+            else {None}
+        )
+        if len(made_with) == 1 and fingerprints == {self.fingerprint_with(shard, made_with.pop())}:
+            return MISSING_TRAJECTORIES
+        return STALE
+
+    def _trajectories_present(self, shard: int, rows: pd.DataFrame) -> bool:
+        if self.trajectory_sigmas is None:
+            return True
+        if Manifest.TRAJECTORY not in rows:
+            return False
+        names = list(rows[Manifest.TRAJECTORY])
+        return all(isinstance(f, str) and (self.shard_dir(shard) / f).is_file() for f in names)
 
 
 def missing_shards(plan: GenerationPlan, shards: range | None = None) -> list[int]:
-    """Shards of `shards` (default: the whole target) that are absent or stale, in order."""
-    return [k for k in (range(plan.num_shards) if shards is None else shards) if plan.status(k) != "complete"]
+    """Shards of `shards` (default: the whole target) that are absent, stale or missing trajectories, in order."""
+    return [k for k in (range(plan.num_shards) if shards is None else shards) if plan.status(k) != COMPLETE]
 
 
 def prepare(params: Params) -> GenerationPlan:
@@ -268,6 +338,8 @@ def prepare(params: Params) -> GenerationPlan:
             raise GenerationError(
                 f"generate.{key}={value} is not a multiple of {step} (VAE factor {spatial} × patch {p}); use {fixed}"
             )
+    if cfg.save_trajectory:
+        _check_trajectory_scheduler(model)
     prompts = load_prompt_library(cfg.prompts, params.toy)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder, subfolder="tokenizer", revision=model.revision)
     source = "toy world" if cfg.prompts == "toy" else cfg.prompts
@@ -275,6 +347,31 @@ def prepare(params: Params) -> GenerationPlan:
     # last: it creates the folder, which a rejected input must not leave behind
     _check_writable(Path(cfg.output_dir))
     return GenerationPlan(params, prompts, teacher_revision(params.model))
+
+
+def _check_trajectory_scheduler(model: ModelConfig) -> None:
+    """A trajectory between the teacher's steps is read off by linear interpolation, which only straight Euler
+    steps allow; the scheduler's config says whether the teacher takes them, before any weights are read."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dmd.wan.loading import model_source
+    from dmd.wan.sampler import EULER_SCHEDULER, trajectory_scheduler_problem
+
+    source = model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
+    # any scheduler class reads the file as it is, whatever class it names
+    config = FlowMatchEulerDiscreteScheduler.load_config(
+        source, subfolder="scheduler", revision=model.revision
+    )
+    problem = trajectory_scheduler_problem(config)
+    if problem:
+        raise GenerationError(
+            f"generate.save_trajectory: the teacher {model.pretrained_model_name_or_path} cannot give its trajectory "
+            f"at the student's σs: {problem} (scheduler/scheduler_config.json), so its latents between two steps "
+            f"are not the straight line in σ that a partial step would follow. Set generate.save_trajectory: false, "
+            f"or give the teacher an {EULER_SCHEDULER} with stochastic_sampling: false (its `_class_name` in "
+            f"scheduler/scheduler_config.json, `shift` as model.flow_schedule_shift) and generate its data anew "
+            f"with it"
+        )
 
 
 def _check_writable(out: Path) -> None:
@@ -298,8 +395,9 @@ def _check_writable(out: Path) -> None:
 class SampledBatch:
     latents_BCTHW: torch.Tensor  # float32, CPU
     noise_BCTHW: torch.Tensor  # float32, CPU
-    frames_BTHW3: np.ndarray  # uint8
+    frames_BTHW3: np.ndarray | None  # uint8; None when not decoded
     seconds: float  # teacher time: initial noise, denoising, VAE decode
+    trajectory_BKCTHW: torch.Tensor | None = None  # float32, CPU, at trajectory_sigmas(params); None when off
 
 
 class TeacherWorker:
@@ -337,11 +435,20 @@ class TeacherWorker:
                 cls._shared[key] = cls(params)
             return cls._shared[key]
 
-    def sample(self, samples: list[Sample], params: Params) -> SampledBatch:
-        """Latents, initial noise and uint8 frames of `samples`, made on the worker's thread."""
-        return self._thread.submit(self._sample, samples, params).result()
+    def sample(
+        self,
+        samples: list[Sample],
+        params: Params,
+        noise_BCTHW: torch.Tensor | None = None,
+        decode: bool = True,
+    ) -> SampledBatch:
+        """Latents, initial noise, uint8 frames (unless not `decode`) and, with generate.save_trajectory, the
+        trajectory of `samples`, made on the worker's thread from `noise_BCTHW` (default: drawn from their seeds)."""
+        return self._thread.submit(self._sample, samples, params, noise_BCTHW, decode).result()
 
-    def _sample(self, samples: list[Sample], params: Params) -> SampledBatch:
+    def _sample(
+        self, samples: list[Sample], params: Params, noise: torch.Tensor | None, decode: bool
+    ) -> SampledBatch:
         from dmd.wan.sampler import TeacherSampler
 
         cfg, model = params.generate, params.model
@@ -354,10 +461,17 @@ class TeacherWorker:
             model.max_sequence_length,
         )
         shape = sampler.geometry.latent_shape(cfg.height, cfg.width, cfg.num_frames)
-        noise = torch.stack([initial_noise(s.seed, shape) for s in samples])
-        latents = sampler.denoise(sampler.encode([s.prompt for s in samples]), noise.to(self.device))
-        frames = self.decode(latents)  # the whole batch at once, as WanPipeline decodes
-        return SampledBatch(latents.float().cpu(), noise, frames, time.perf_counter() - start)
+        if noise is None:
+            noise = torch.stack([initial_noise(s.seed, shape) for s in samples])
+        embeds = sampler.encode([s.prompt for s in samples])
+        sigmas, trajectory = trajectory_sigmas(params), None
+        if sigmas is None:
+            latents = sampler.denoise(embeds, noise.to(self.device))
+        else:
+            latents, trajectory = sampler.denoise_with_trajectory(embeds, noise.to(self.device), sigmas)
+            trajectory = trajectory.cpu()
+        frames = self.decode(latents) if decode else None  # the whole batch at once, as WanPipeline decodes
+        return SampledBatch(latents.float().cpu(), noise, frames, time.perf_counter() - start, trajectory)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,15 +484,18 @@ class ShardResult:
     videos: int  # videos generated by this call (0 when the shard was already complete)
     seconds: float
     sampling_seconds: float
+    trajectories: int = 0  # trajectory files written by this call, with their videos or alone
 
 
 def generate_shard(plan: GenerationPlan, shard: int, teacher: TeacherWorker | None = None) -> ShardResult:
     """Generate `shard` unless it is complete; the shard directory appears only when every file is written."""
     start = time.perf_counter()
     status = plan.status(shard)
-    if status == "complete":
+    if status == COMPLETE:
         return ShardResult(shard, 0, time.perf_counter() - start, 0.0)
-    if status == "stale":
+    if status == MISSING_TRAJECTORIES:
+        return _renew_trajectories(plan, shard, teacher, start)
+    if status == STALE:
         log.warning("%s was made with other settings or lost files; regenerating it", plan.shard_dir(shard))
     cfg = plan.params.generate
     samples = plan.samples(shard)
@@ -394,7 +511,104 @@ def generate_shard(plan: GenerationPlan, shard: int, teacher: TeacherWorker | No
             for k, sample in enumerate(batch):
                 rows.append(_write_sample(tmp, sample, out, k, plan, fingerprint))
         write_parquet(tmp / MANIFEST, pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
-    return ShardResult(shard, len(samples), time.perf_counter() - start, sampling)
+    trajectories = len(samples) if plan.trajectory_sigmas is not None else 0
+    return ShardResult(shard, len(samples), time.perf_counter() - start, sampling, trajectories)
+
+
+def _renew_trajectories(
+    plan: GenerationPlan, shard: int, teacher: TeacherWorker | None, start: float
+) -> ShardResult:
+    """Bring a shard whose videos, latents and noise are current to the plan's trajectories without touching those
+    files: the teacher runs again from each sample's saved noise (its seed's when none was saved), its clean
+    latents are checked against the saved ones, and a new shard directory holding the same files (hard links), the
+    trajectory files and the updated manifest replaces the old one at once."""
+    cfg, sigmas = plan.params.generate, plan.trajectory_sigmas
+    final = plan.shard_dir(shard)
+    rows = pd.read_parquet(final / MANIFEST)
+    for column in MANIFEST_COLUMNS:  # a manifest written before a column existed
+        if column not in rows:
+            rows[column] = None
+    _remove_leftovers(final)
+    row_of = {sample_id: i for i, sample_id in enumerate(rows[Manifest.ID])}
+    names: list[str | None] = [None] * len(rows)
+    sampling = 0.0
+    if sigmas is None:
+        log.info("%s: dropping its trajectories (generate.save_trajectory is off)", final)
+    else:
+        log.info(
+            "%s: adding trajectories at σ %s; its videos, latents and noise stay as they are", final, sigmas
+        )
+    with atomic_dir(final) as tmp:
+        for column in _SAMPLE_FILE_COLUMNS:
+            for name in rows[column]:
+                if isinstance(name, str):
+                    _link(final / name, tmp / name)
+        if sigmas is not None:
+            teacher = teacher or TeacherWorker.shared(plan.params)
+            for batch in _batches(plan.samples(shard), cfg.batch_size):
+                batch_rows = [rows.iloc[row_of[s.id]] for s in batch]
+                out = teacher.sample(batch, plan.params, _saved_noise(final, batch_rows), decode=False)
+                sampling += out.seconds
+                for k, (sample, row) in enumerate(zip(batch, batch_rows)):
+                    _check_regenerated(final / row[Manifest.LATENTS], out.latents_BCTHW[k])
+                    names[row_of[sample.id]] = _write_trajectory(
+                        tmp, sample, out.trajectory_BKCTHW[k], sigmas
+                    )
+        rows[Manifest.FINGERPRINT] = plan.fingerprint(shard)
+        rows[Manifest.TRAJECTORY] = names
+        rows[Manifest.TRAJECTORY_SIGMAS] = [None if sigmas is None else list(sigmas) for _ in names]
+        write_parquet(tmp / MANIFEST, rows[MANIFEST_COLUMNS])
+    written = sum(name is not None for name in names)
+    return ShardResult(shard, 0, time.perf_counter() - start, sampling, written)
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` as the same file as `source`: a hard link, or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _saved_noise(shard_dir: Path, rows: list[pd.Series]) -> torch.Tensor | None:
+    """The batch's saved initial noise, or None (draw it from the seeds) when a sample has no noise file."""
+    from safetensors.torch import load_file
+
+    files = [row[Manifest.NOISE] for row in rows]
+    if not all(isinstance(f, str) for f in files):
+        return None
+    return torch.stack([load_file(shard_dir / f)[TEACHER_NOISE_TENSOR] for f in files])
+
+
+def _check_regenerated(latents_file: Path, regenerated: torch.Tensor) -> None:
+    """A trajectory made now must lead to the saved latents, its clean end point."""
+    from safetensors.torch import load_file
+
+    saved = load_file(latents_file)[TEACHER_LATENTS_TENSOR].float()
+    if saved.shape == regenerated.shape:
+        error = float((regenerated - saved).norm() / saved.norm().clamp_min(torch.finfo(saved.dtype).tiny))
+        if error <= REGENERATED_LATENTS_TOLERANCE:
+            return
+        found = f"ends {error:.3g} (relative) away from them"
+    else:
+        found = f"gives latents of shape {tuple(regenerated.shape)}, not their {tuple(saved.shape)}"
+    raise GenerationError(
+        f"{latents_file}: the teacher run again from this sample's noise for generate.save_trajectory {found}, "
+        f"so its trajectory would not lead to these latents (another teacher, device or precision made them); "
+        f"delete {latents_file.parent} to regenerate the shard whole, or set generate.save_trajectory: false"
+    )
+
+
+def _write_trajectory(
+    shard_dir: Path, sample: Sample, trajectory: torch.Tensor, sigmas: tuple[float, ...]
+) -> str:
+    name = f"{sample.id}.trajectory.safetensors"
+    write_safetensors(
+        shard_dir / name,
+        {TEACHER_TRAJECTORY_TENSOR: trajectory},
+        {TRAJECTORY_SIGMAS_METADATA: json.dumps(list(sigmas))},
+    )
+    return name
 
 
 def _batches(items: list[Sample], size: int) -> Iterator[list[Sample]]:
@@ -415,7 +629,10 @@ def _write_sample(
     cfg = plan.params.generate
     video = f"{sample.id}.mp4"
     write_video(shard_dir / video, out.frames_BTHW3[k], fps=cfg.fps)
-    latents = noise = None
+    latents = noise = trajectory = None
+    sigmas = plan.trajectory_sigmas
+    if sigmas is not None:
+        trajectory = _write_trajectory(shard_dir, sample, out.trajectory_BKCTHW[k], sigmas)
     if cfg.save_latents:
         latents = f"{sample.id}.latents.safetensors"
         write_safetensors(shard_dir / latents, {TEACHER_LATENTS_TENSOR: out.latents_BCTHW[k]})
@@ -443,17 +660,29 @@ def _write_sample(
         Manifest.INDEX: sample.index,
         Manifest.PROMPT_ID: sample.prompt_id,
         Manifest.FINGERPRINT: fingerprint,
+        Manifest.TRAJECTORY: trajectory,
+        Manifest.TRAJECTORY_SIGMAS: None if sigmas is None else list(sigmas),
     }
 
 
 def write_manifest(plan: GenerationPlan) -> pd.DataFrame:
-    """The top-level manifest: every complete shard of the target, in order, with a `shard` column."""
+    """The top-level manifest: every complete shard of the target, in order, with a `shard` column, and the shards
+    missing trajectories without their trajectory columns (their videos, latents and noise are current)."""
     tables = []
     for shard in range(plan.num_shards):
-        if plan.status(shard) == "complete":
-            table = pd.read_parquet(plan.shard_dir(shard) / MANIFEST)
-            table.insert(0, MANIFEST_SHARD, shard)
-            tables.append(table)
+        status = plan.status(shard)
+        if status not in (COMPLETE, MISSING_TRAJECTORIES):
+            continue
+        table = pd.read_parquet(plan.shard_dir(shard) / MANIFEST)
+        for column in MANIFEST_COLUMNS:  # a manifest written before a column existed
+            if column not in table:
+                table[column] = None
+        if status == MISSING_TRAJECTORIES:
+            table[Manifest.TRAJECTORY] = None
+            table[Manifest.TRAJECTORY_SIGMAS] = None
+        table = table[MANIFEST_COLUMNS]
+        table.insert(0, MANIFEST_SHARD, shard)
+        tables.append(table)
     beyond = sorted(
         p.name
         for p in plan.output_dir.glob("shard-*")
@@ -495,10 +724,11 @@ class ShardsFailedError(RuntimeError):
 
 @dataclass
 class GenerationReport:
-    generated_shards: list[int]  # shards this run wrote
+    generated_shards: list[int]  # shards this run wrote videos or trajectories into
     videos: int  # videos this run wrote
     complete_shards: int  # complete shards of the target after the run
     target_shards: int
+    trajectories: int = 0  # trajectory files this run wrote (with new videos, or added to existing ones)
 
 
 def generate_teacher_data(
@@ -543,8 +773,9 @@ def generate_teacher_data(
             f"shard(s) {sorted(failed)} failed after {params.generate.retries} retries; see the log above"
         )
     return GenerationReport(
-        generated_shards=[r.shard for r in results if r.videos],
+        generated_shards=[r.shard for r in results if r.videos or r.trajectories],
         videos=sum(r.videos for r in results),
         complete_shards=plan.num_shards - left,
         target_shards=plan.num_shards,
+        trajectories=sum(r.trajectories for r in results),
     )

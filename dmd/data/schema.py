@@ -4,11 +4,14 @@ reads, written once so that writer and reader cannot drift apart.
 generate → cache
     `manifest.parquet` per shard (`MANIFEST_COLUMNS`, paths relative to the shard) and at the top (the same
     rows with a `MANIFEST_SHARD` column first); beside the videos, per sample, a latents file holding the tensor
-    `TEACHER_LATENTS_TENSOR` and a noise file holding `TEACHER_NOISE_TENSOR`.
+    `TEACHER_LATENTS_TENSOR`, a noise file holding `TEACHER_NOISE_TENSOR` and, with `generate.save_trajectory`, a
+    trajectory file holding `TEACHER_TRAJECTORY_TENSOR`: the teacher's latents at the student's σs, which the
+    file's metadata (`TRAJECTORY_SIGMAS_METADATA`) and the manifest (`Manifest.TRAJECTORY_SIGMAS`) list.
 cache → train, evaluate
     `index.parquet` (`INDEX_COLUMNS`), one row per usable sample; `problems.parquet` (`PROBLEM_COLUMNS`);
-    `meta.json`; shards whose tensors are named by `latents_tensor`, `noise_tensor` and `prompt_embeds_tensor`,
-    each with a row table (`LatentRows`, `TextRows`); the special prompts' files, holding `PROMPT_EMBEDS_TENSOR`.
+    `meta.json`; shards whose tensors are named by `latents_tensor`, `noise_tensor`, `trajectory_tensor` and
+    `prompt_embeds_tensor`, each with a row table (`LatentRows`, `TextRows`); the special prompts' files, holding
+    `PROMPT_EMBEDS_TENSOR`.
 
 Names are plain strings (not enums), so the tables and files written with them stay byte for byte what they were.
 """
@@ -28,6 +31,10 @@ MANIFEST = "manifest.parquet"
 
 TEACHER_LATENTS_TENSOR = "latents"  # in `{id}.latents.safetensors`: (C,T,H,W), normalised
 TEACHER_NOISE_TENSOR = "noise"  # in `{id}.noise.safetensors`: (C,T,H,W), the sample's initial noise
+# in `{id}.trajectory.safetensors`: (K,C,T,H,W) float32, normalised like the latents; point k is the teacher's
+# sampling run at σ_k, the linear interpolation in σ of the Euler iterates on either side (a partial Euler step)
+TEACHER_TRAJECTORY_TENSOR = "trajectory"
+TRAJECTORY_SIGMAS_METADATA = "sigmas"  # the trajectory file's metadata: its σs (0–1 scale), a JSON list
 
 
 def teacher_shard_name(shard: int) -> str:
@@ -59,9 +66,21 @@ class Manifest:
     INDEX = "index"  # the sample's global index
     PROMPT_ID = "prompt_id"
     FINGERPRINT = "fingerprint"  # of everything that determined the shard's content
+    TRAJECTORY = "trajectory"  # file name or None (generate.save_trajectory)
+    TRAJECTORY_SIGMAS = "trajectory_sigmas"  # the trajectory's σs (list of floats) or None
 
 
 MANIFEST_COLUMNS = _columns(Manifest)
+
+
+def sigmas_cell(value) -> tuple[float, ...] | None:
+    """A `trajectory_sigmas` cell as a table gives it back (a list or an array; None, NaN or absent when there is no
+    trajectory) as a tuple of floats, or None."""
+    if value is None or isinstance(value, float):
+        return None
+    return tuple(float(v) for v in value)
+
+
 MANIFEST_SHARD = "shard"  # the top-level manifest's first column: the shard each row's paths are relative to
 
 
@@ -92,6 +111,11 @@ def noise_tensor(latent_key: str) -> str:
     return f"{latent_key}.noise"
 
 
+def trajectory_tensor(latent_key: str) -> str:
+    """A clip's teacher trajectory (K,C,T,H,W) in its latents shard, when the index lists `trajectory_sigmas`."""
+    return f"{latent_key}.trajectory"
+
+
 def prompt_embeds_tensor(text_key: str) -> str:
     """A caption's embedding (text_length, D), without the zero tail, in its text shard."""
     return f"{text_key}.prompt_embeds"
@@ -119,6 +143,7 @@ class Index:
     SOURCE_FRAMES = "source_frames"
     SOURCE_HEIGHT = "source_height"
     SOURCE_WIDTH = "source_width"
+    TRAJECTORY_SIGMAS = "trajectory_sigmas"  # the σs of its teacher trajectory (list); None: none cached
 
 
 INDEX_COLUMNS = _columns(Index)
@@ -138,6 +163,7 @@ class LatentRows:
     SOURCE_FRAMES = Index.SOURCE_FRAMES
     SOURCE_HEIGHT = Index.SOURCE_HEIGHT
     SOURCE_WIDTH = Index.SOURCE_WIDTH
+    TRAJECTORY_SIGMAS = Index.TRAJECTORY_SIGMAS  # absent from row tables written before trajectories
     SHARD = "shard"  # the shard's file name
     PATH = "path"  # not stored: added on reading, the shard's full path
 

@@ -27,6 +27,7 @@ from dmd.distill.gan import ClassificationHead, FeatureTap, gan_critic_loss, gan
 from dmd.distill.roles import Roles
 from dmd.distill.rollout import RolloutSchedule, VelocityFn, rollout
 from dmd.distill.schedule import ScoreTimestepRange, choose_exit_indices, exit_bounds
+from dmd.wan.causal import block_causal
 
 NORMALISER_FLOOR = 1e-6
 
@@ -305,16 +306,25 @@ class DMDMethod:
             last_step_only=self.config.last_step_only,
         )
         start = cond.latents_BCTHW if self.config.rollout_from == "data" else None
-        x0 = rollout(
-            self.roles.student,
-            cond.prompt_embeds_BLD,
-            self._randn(cond.rollout_shape, generator),
-            self.schedule,
-            exits,
-            generator,
-            start_latents_BCTHW=start,
-        )
+        noise = self._randn(cond.rollout_shape, generator)
+        x0 = self._student_rollout(cond.prompt_embeds_BLD, noise, exits, generator, start)
         return x0, exits
+
+    def _student_rollout(
+        self,
+        prompt_embeds_BLD: torch.Tensor,
+        noise_BCTHW: torch.Tensor,
+        exits: list[int],
+        generator: torch.Generator,
+        start_latents_BCTHW: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The student's rollout; a block-causal student's with its attention made block-causal for the rollout
+        only (the scores share its transformer when it is an adapter, and they see whole clips)."""
+        args = (self.roles.student, prompt_embeds_BLD, noise_BCTHW, self.schedule, exits, generator)
+        if not self.schedule.causal:
+            return rollout(*args, start_latents_BCTHW=start_latents_BCTHW)
+        with block_causal(self.roles.student_transformer) as causal:
+            return rollout(*args, start_latents_BCTHW=start_latents_BCTHW, causal=causal)
 
     def _score_sigmas(self, batch_size: int, exits: list[int], generator: torch.Generator) -> torch.Tensor:
         # as Self-Forcing: the exit bounds the score timestep only when one exit is shared by construction
@@ -347,14 +357,7 @@ class DMDMethod:
         n_blocks = len(self.schedule.block_ranges(noise.shape[2]))
         # the first step is the student's only deterministic map from the teacher's noise to a clip; the pair is
         # the teacher's whole clip under the caption it was made with
-        x0 = rollout(
-            self.roles.student,
-            cond.teacher_prompt_embeds_BLD,
-            noise,
-            self.schedule,
-            [0] * n_blocks,
-            generator,
-        )
+        x0 = self._student_rollout(cond.teacher_prompt_embeds_BLD, noise, [0] * n_blocks, generator)
         return regression_loss(x0, cond.teacher_latents_BCTHW)
 
     def _gan_logits(

@@ -6,6 +6,12 @@ output, re-noised to `context_noise`, followed by the block itself at the curren
 token, which the stock `WanTransformer3DModel` accepts as a (B, seq_len) tensor, so no new model class is
 needed. A block as large as the clip is ordinary bidirectional few-step generation.
 
+A block-causal student (`RolloutSchedule.causal`, Self-Forcing / CausVid) runs the same steps with a KV cache
+instead (dmd.wan.causal): block b sees only its own frames, at their place in the clip, and the cached keys and
+values of the blocks before it; each finished block is run once more, re-noised to `context_noise`, to add its
+keys and values to the cache. The cache is built without gradient and never re-fed, so a block costs the same
+whatever its place, and no block can change an earlier one.
+
 Within a block, steps before its exit index run without gradient; the exit step runs in the caller's grad mode,
 so only it carries the student's gradient (DESIGN.md, "DMD, one training step").
 """
@@ -19,9 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from dmd.core.config import time_block_problem
-from dmd.core.flow_matching import add_noise, sigma_to_timestep, timestep_to_sigma, x0_from_velocity
+from dmd.core.flow_matching import (
+    add_noise,
+    denoising_sigmas,
+    sigma_to_timestep,
+    timestep_to_sigma,
+    x0_from_velocity,
+)
 from dmd.core.noise import randn
-from dmd.distill.schedule import denoising_sigmas
+from dmd.wan.causal import BlockCausal, KVCache, block_causal
 
 # (x_BCTHW, frame_timesteps_BT on the 0–1000 scale, prompt_embeds_BLD) -> velocity_BCTHW
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -36,6 +48,7 @@ class RolloutSchedule:
     independent_first_frame: bool = False
     context_sigma: float = 0.0
     num_training_frames: int | None = None
+    causal: bool = False
 
     @classmethod
     def from_params(cls, params) -> RolloutSchedule:
@@ -47,6 +60,7 @@ class RolloutSchedule:
             independent_first_frame=dc.independent_first_frame,
             context_sigma=float(timestep_to_sigma(dc.context_noise)),
             num_training_frames=dc.num_training_frames,
+            causal=params.train.student.causal,
         )
 
     @property
@@ -64,6 +78,13 @@ class RolloutSchedule:
             (s, s + self.num_frame_per_block) for s in range(first, num_frames, self.num_frame_per_block)
         ]
         return ranges
+
+    def cache_frames(self) -> int | None:
+        """Frames a block-causal student's KV cache keeps: the trained rollout's length less one block, so a block
+        never sees more context than in training, also past that length (a rolling window); None: all."""
+        if self.num_training_frames is None:
+            return None
+        return max(self.num_training_frames - self.num_frame_per_block, 1)
 
     def rollout_frames(self, clip_frames: int) -> int:
         """Latent frames a training rollout makes: `num_training_frames` (Self-Forcing's rollout length), or the
@@ -140,38 +161,75 @@ def rollout(
     exit_indices: list[int],
     generator: torch.Generator,
     start_latents_BCTHW: torch.Tensor | None = None,
+    causal: BlockCausal | None = None,
 ) -> torch.Tensor:
     """The student's x̂0 for a whole clip, block by block; only each block's exit step is in the caller's grad mode.
 
     From noise (`start_latents_BCTHW` None): block b starts at `noise` with σ_0 and runs steps 0…k_b, re-noising
     x̂0 to σ_{i+1} with fresh noise between steps. From data: block b starts at the clean latents noised to its
     exit σ_{k_b} and runs that one step (FastVideo's default).
+
+    `causal` (the handle `block_causal(transformer)` gives for the transformer `model` runs) makes it the
+    block-causal rollout with a KV cache; a schedule with `causal` set needs it.
     """
     ranges = schedule.block_ranges(noise_BCTHW.shape[2])
     if len(exit_indices) != len(ranges):
         raise ValueError(f"{len(exit_indices)} exit indices for {len(ranges)} time blocks")
-    sigmas = schedule.sigmas
+    if schedule.causal != (causal is not None):
+        raise ValueError(
+            "a block-causal schedule needs the block_causal() handle of the student's transformer, and only it"
+        )
+    cache = KVCache(noise_BCTHW.shape[0], max_frames=schedule.cache_frames()) if causal else None
     blocks: list[torch.Tensor] = []
     for (start, end), k in zip(ranges, exit_indices):
-        context = None
-        if blocks:
-            clean = torch.cat(blocks, dim=2).detach()
-            context = add_noise(
-                clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
-            )
         noise = noise_BCTHW[:, :, start:end]
         if start_latents_BCTHW is None:
             x, first = noise, 0
         else:
-            x, first = add_noise(start_latents_BCTHW[:, :, start:end], noise, sigmas[k]), k
-        for i in range(first, k + 1):
-            grad_mode = contextlib.nullcontext() if i == k else torch.no_grad()
-            with grad_mode:
-                x0 = denoise_block(model, x, sigmas[i], prompt_embeds_BLD, context, schedule.context_sigma)
-            if i < k:
-                x = add_noise(x0, randn(x0.shape, generator, x0.device, x0.dtype), sigmas[i + 1])
+            x, first = add_noise(start_latents_BCTHW[:, :, start:end], noise, schedule.sigmas[k]), k
+        if causal is None:
+            context = None
+            if blocks:
+                clean = torch.cat(blocks, dim=2).detach()
+                context = add_noise(
+                    clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
+                )
+            x0 = _denoise_steps(model, x, first, k, prompt_embeds_BLD, schedule, generator, context)
+        else:
+            with causal.attend(cache):
+                x0 = _denoise_steps(model, x, first, k, prompt_embeds_BLD, schedule, generator)
+            if end < noise_BCTHW.shape[2]:  # the last block's keys and values would never be read
+                clean = x0.detach()
+                context = add_noise(
+                    clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
+                )
+                with causal.fill(cache):
+                    denoise_block(model, context, schedule.context_sigma, prompt_embeds_BLD)
         blocks.append(x0)
     return torch.cat(blocks, dim=2)
+
+
+def _denoise_steps(
+    model: VelocityFn,
+    x_BCTHW: torch.Tensor,
+    first: int,
+    exit_index: int,
+    prompt_embeds_BLD: torch.Tensor,
+    schedule: RolloutSchedule,
+    generator: torch.Generator,
+    context_BCTHW: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Steps first…exit_index of one block; all but the exit step without gradient."""
+    sigmas = schedule.sigmas
+    for i in range(first, exit_index + 1):
+        grad_mode = contextlib.nullcontext() if i == exit_index else torch.no_grad()
+        with grad_mode:
+            x0 = denoise_block(
+                model, x_BCTHW, sigmas[i], prompt_embeds_BLD, context_BCTHW, schedule.context_sigma
+            )
+        if i < exit_index:
+            x_BCTHW = add_noise(x0, randn(x0.shape, generator, x0.device, x0.dtype), sigmas[i + 1])
+    return x0
 
 
 @torch.no_grad()
@@ -184,14 +242,24 @@ def sample(
 ) -> torch.Tensor:
     """Few-step generation: the training rollout with every block exiting at the last step, no gradient.
 
-    `transformer` is a `WanTransformer3DModel` carrying the student's weights (or any VelocityFn).
+    `transformer` is a `WanTransformer3DModel` carrying the student's weights (or any VelocityFn, for a
+    bidirectional student). A block-causal student generates block by block with its KV cache, and a clip longer
+    than it trained on keeps a rolling window of the cache (`RolloutSchedule.cache_frames`).
 
     `generator` draws the re-noising between steps (default: seeded 0, so equal noise gives equal clips).
     """
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(0)
-    model = transformer_velocity(transformer) if isinstance(transformer, torch.nn.Module) else transformer
     n_blocks = len(schedule.block_ranges(noise_BCTHW.shape[2]))
-    return rollout(
-        model, prompt_embeds_BLD, noise_BCTHW, schedule, [schedule.num_steps - 1] * n_blocks, generator
-    )
+    exits = [schedule.num_steps - 1] * n_blocks
+    if not isinstance(transformer, torch.nn.Module):
+        if schedule.causal:
+            raise ValueError(
+                "a block-causal student samples through its transformer module, not a VelocityFn"
+            )
+        return rollout(transformer, prompt_embeds_BLD, noise_BCTHW, schedule, exits, generator)
+    model = transformer_velocity(transformer)
+    if not schedule.causal:
+        return rollout(model, prompt_embeds_BLD, noise_BCTHW, schedule, exits, generator)
+    with block_causal(transformer) as causal:
+        return rollout(model, prompt_embeds_BLD, noise_BCTHW, schedule, exits, generator, causal=causal)

@@ -1,4 +1,5 @@
-"""Schedule maths of the DMD student: its denoising σs and the score timesteps the real/fake scores see.
+"""Schedule maths of the DMD student: the score timesteps the real/fake scores see and its exit steps (its denoising
+σs are `dmd.core.flow_matching.denoising_sigmas`, which the generate stage shares).
 
 All σ here are on the 0–1 scale of `dmd.core.flow_matching` (timestep = 1000·σ); functions are pure and take their
 randomness from an explicit `torch.Generator`.
@@ -11,18 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from dmd.core.flow_matching import shift_sigma, timestep_to_sigma
-
-
-def denoising_sigmas(steps: list[int], warp_shift: float | None = None) -> torch.Tensor:
-    """σ of each `dmd_denoising_steps` entry (0–1000 scale), in order, optionally warped through a shift.
-
-    Unwarped (the default), step 757 is σ = 0.757. Warped, it is shift(0.757, s), as a diffusers scheduler
-    built with `shift=s` would place it; with s > 1 every step moves towards more noise.
-    """
-    sigmas = torch.tensor([float(timestep_to_sigma(t)) for t in steps], dtype=torch.float64)
-    if warp_shift is not None:
-        sigmas = shift_sigma(sigmas, warp_shift)
-    return sigmas.float()
 
 
 @dataclass(frozen=True)

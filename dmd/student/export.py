@@ -14,8 +14,10 @@
   and for an int8-quanto base the float dtype it computed in), whether the weights are the EMA's;
 - `README.md`: a model card with the training settings (the evaluate stage adds the figures to its copy).
 
-Files are written one by one atomically, `student.json` last, so a directory with `student.json` is complete;
-the `validation/` folder that training writes there is left alone.
+Files are written one by one atomically, `student.json` last, so a directory with `student.json` is a complete
+student; a block-causal student's `pipeline/` (dmd.student.pipeline: the whole diffusers pipeline, for
+`BlockCausalWanPipeline.from_pretrained`) is then built from it. The `validation/` folder that training writes there
+is left alone.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import torch
 import yaml
 
 from dmd.core.config import ModelConfig, Params
+from dmd.core.flow_matching import denoising_sigmas
 from dmd.core.io import atomic_dir, write_json, write_text
 from dmd.distill.rollout import RolloutSchedule
-from dmd.distill.schedule import denoising_sigmas
+from dmd.student.pipeline import pipeline_snippet, write_student_pipeline
 from dmd.student.sample import pipeline_arguments
 from dmd.wan.formats import LORA_WEIGHTS, save_lora_weights, save_scheduler, scheduler_sigmas
 from dmd.wan.loading import (
@@ -118,6 +121,8 @@ def student_card(
         "num_frame_per_block": schedule.num_frame_per_block,
         "independent_first_frame": schedule.independent_first_frame,
         "context_sigma": schedule.context_sigma,
+        "causal": schedule.causal,
+        "num_training_frames": schedule.num_training_frames,
         "single_block_training": dc.num_frame_per_block >= dc.num_training_frames
         and not dc.independent_first_frame,
         "scheduler_sigma_error": sigma_error,
@@ -176,6 +181,7 @@ def export_student(
     card = student_card(params, schedule, ema=ema, step=step, sigma_error=sigma_error)
     write_model_card(out, params, card)
     write_json(out / STUDENT_CARD, card)
+    write_student_pipeline(out, params)  # built from the exported student: a block-causal one's, else removed
     log.info("exported the %d-step student to %s", schedule.num_steps, out)
     return out
 
@@ -228,34 +234,52 @@ def write_model_card(
         "without classifier-free guidance.",
         "",
         "```python",
-        "import functools",
-        "",
-        "import torch",
-        "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
-        *imports,
-        "",
-        *pipeline,
-        load,
-        f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{student_dir.name}", subfolder="scheduler")',
-        'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
-        'generator = torch.Generator("cpu").manual_seed(0)',
-        "# WanPipeline draws the initial noise from `generator` but calls scheduler.step without one;",
-        "# bound in, it draws the re-noising between steps from the same CPU stream on any device",
-        "pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)",
-        f'video = pipe(\n    "a prompt",\n{arguments}    generator=generator,\n).frames[0]',
+        *(
+            [pipeline_snippet(student_dir, params, card).rstrip()]
+            if card.get("causal")
+            else [
+                "import functools",
+                "",
+                "import torch",
+                "from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel",
+                *imports,
+                "",
+                *pipeline,
+                load,
+                f'pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{student_dir.name}", subfolder="scheduler")',
+                'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
+                'generator = torch.Generator("cpu").manual_seed(0)',
+                "# WanPipeline draws the initial noise from `generator` but calls scheduler.step without one;",
+                "# bound in, it draws the re-noising between steps from the same CPU stream on any device",
+                "pipe.scheduler.step = functools.partial(pipe.scheduler.step, generator=generator)",
+                f'video = pipe(\n    "a prompt",\n{arguments}    generator=generator,\n).frames[0]',
+            ]
+        ),
         "```",
         "",
-        f'`dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` makes the same video for a '
-        "single-block student, on a GPU as on the CPU: it draws the initial noise and then the re-noising between "
-        "steps from one CPU generator seeded with `--seed`, as the snippet does, at the size, guidance and prompt "
-        "length above (`train.validation_*`, `model.max_sequence_length`).",
-        "",
-        "Without the `scheduler.step` line the stochastic scheduler draws the re-noising from torch's global random "
-        "stream on the pipeline's device: on the CPU `torch.manual_seed(0)` in place of `generator=` then gives the "
-        "same video, on a GPU the CUDA stream gives other noise and another video. With "
-        "`torch_dtype=torch.bfloat16` (or float16) WanPipeline keeps the latents between steps in that dtype, where "
-        "`dmd sample` keeps them in float32: the videos then agree to that precision, not exactly.",
-        "",
+        *(
+            [
+                f'`dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` makes the same video, on a '
+                "GPU as on the CPU: both draw the initial noise, the re-noising between steps and each block's "
+                "context noise from one CPU generator seeded with `--seed`.",
+                "",
+            ]
+            if card.get("causal")
+            else [
+                f'`dmd sample --student {student_dir.name} --prompt "a prompt" --seed 0` makes the same video for a '
+                "single-block student, on a GPU as on the CPU: it draws the initial noise and then the re-noising "
+                "between steps from one CPU generator seeded with `--seed`, as the snippet does, at the size, "
+                "guidance and prompt length above (`train.validation_*`, `model.max_sequence_length`).",
+                "",
+                "Without the `scheduler.step` line the stochastic scheduler draws the re-noising from torch's global "
+                "random stream on the pipeline's device: on the CPU `torch.manual_seed(0)` in place of `generator=` "
+                "then gives the same video, on a GPU the CUDA stream gives other noise and another video. With "
+                "`torch_dtype=torch.bfloat16` (or float16) WanPipeline keeps the latents between steps in that "
+                "dtype, where `dmd sample` keeps them in float32: the videos then agree to that precision, not "
+                "exactly.",
+                "",
+            ]
+        ),
     ]
     if int8_base:
         lines += [
@@ -270,7 +294,16 @@ def write_model_card(
             "optimum-quanto), whose videos then differ slightly from `dmd sample`'s.",
             "",
         ]
-    if not card["single_block_training"]:
+    if card.get("causal"):
+        lines += [
+            "**Block-causal.** This student generates block by block with a KV cache (each time block attends to "
+            "itself and earlier blocks only), which diffusers' `WanPipeline` cannot do (it samples a clip as one "
+            "bidirectional block): the snippet loads it as `BlockCausalWanPipeline` (dmd-pipeline's `WanPipeline` "
+            "subclass, in `pipeline/` beside the student), which makes the video `dmd sample` makes, also past the "
+            "trained length with a rolling cache window.",
+            "",
+        ]
+    elif not card["single_block_training"]:
         lines += [
             "Trained with time blocks (self-forcing rollout); the diffusers scheduler samples the whole clip as one "
             "block, `dmd sample` reproduces the block-wise rollout.",
@@ -340,6 +373,9 @@ def schedule_from_card(card: dict) -> RolloutSchedule:
         num_frame_per_block=card["num_frame_per_block"],
         independent_first_frame=card["independent_first_frame"],
         context_sigma=card["context_sigma"],
+        # cards from before block-causal students: bidirectional, no cache window
+        num_training_frames=card.get("num_training_frames"),
+        causal=card.get("causal", False),
     )
 
 

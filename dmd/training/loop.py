@@ -89,8 +89,8 @@ class RunSettings:
     """The settings a checkpoint must share with the run that resumes it: written with every checkpoint and
     compared by `resume` before anything is loaded, never loaded back."""
 
-    def __init__(self, params: Params, num_processes: int):
-        self.settings = run_settings(params, num_processes)
+    def __init__(self, params: Params, num_processes: int, initial_student: str | None = None):
+        self.settings = run_settings(params, num_processes, initial_student)
 
     def state_dict(self) -> dict:
         return self.settings
@@ -112,6 +112,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
     from dmd.student.export import export_student
     from dmd.training.checkpoint import CheckpointManager, GlobalRNG
     from dmd.training.ema import EMA
+    from dmd.training.ode_init import load_initial_student
 
     cfg = params.train
     if not torch.distributed.is_initialized():
@@ -123,6 +124,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
     set_seed(cfg.run.seed)  # the same LoRA initialisation on every process
     cache = open_cache(params.cache.output_dir)
     roles = build_roles(params, acc.device)
+    initial_student = load_initial_student(params, roles.student_transformer)
     if cfg.student.gradient_checkpointing:
         for module in {
             id(m): m for m in (roles.base, roles.student_copy, roles.critic_copy) if m is not None
@@ -139,7 +141,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
     state = RunState(total_steps=total_steps)
     checkpoints = CheckpointManager(cfg.checkpoint.checkpoint_dir, cfg.checkpoint.checkpoints_total_limit)
     checkpoints.register(student=student, critic=critic, ema=ema, loader=loader, run=state,
-                         settings=RunSettings(params, acc.num_processes), rng=GlobalRNG())  # fmt: skip
+                         settings=RunSettings(params, acc.num_processes, initial_student), rng=GlobalRNG())  # fmt: skip
     held = checkpoints.hold() if main else None  # one run per checkpoint folder; released when this run ends
     resume(params, checkpoints, loader.fingerprint, main, total_steps, student, critic)
     callbacks = build_callbacks(params, acc, state, schedule, roles, ema, progress)
@@ -311,11 +313,21 @@ def step_scalars(updates: dict[str, UpdateResult], student, critic, state: RunSt
     return scalars
 
 
-def run_settings(params: Params, num_processes: int) -> dict:
-    """The settings a checkpoint must share with the run that resumes it."""
+def run_settings(params: Params, num_processes: int, initial_student: str | None = None) -> dict:
+    """The settings a checkpoint must share with the run that resumes it; `initial_student` identifies the weights
+    the student started from when not the teacher's (the ODE initialisation's)."""
     train = fixed_train_settings(params.train.model_dump(mode="json"))
-    return {"train": train, "model": params.model.model_dump(mode="json"), "cache": params.cache.output_dir,
-            "num_processes": num_processes}  # fmt: skip
+    settings = {
+        "train": train,
+        "model": params.model.model_dump(mode="json"),
+        "cache": params.cache.output_dir,
+        "num_processes": num_processes,
+    }
+    if (
+        initial_student is not None
+    ):  # absent otherwise, as in checkpoints written before the ODE initialisation
+        settings["initial_student"] = initial_student
+    return settings
 
 
 def fixed_train_settings(train: dict) -> dict:

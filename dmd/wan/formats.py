@@ -24,6 +24,23 @@ def save_lora_weights(directory: str | Path, transformer: WanTransformer3DModel,
     return Path(directory) / LORA_WEIGHTS
 
 
+def load_lora_weights(transformer: WanTransformer3DModel, path: str | Path, adapter_name: str) -> None:
+    """Weights `save_lora_weights` wrote into the existing adapter `adapter_name` of `transformer` (same rank and
+    targets), as its starting point; every one of the adapter's weights must be in the file."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    prefix = "transformer."
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if f".{adapter_name}." in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: LoRA weights that do not fit adapter {adapter_name!r}: missing {missing[:3]}, unexpected "
+            f"{list(result.unexpected_keys)[:3]}; the adapter's rank or targets differ from the file's"
+        )
+
+
 def save_scheduler(directory: str | Path, config: dict) -> None:
     FlowMatchEulerDiscreteScheduler(**config).save_pretrained(directory)
 

@@ -2,7 +2,8 @@
 
 Content addressing. A clip's latents are stored under `latent_key` = sha256 of (the video file's bytes, the
 preprocessing settings, the bucket rounding and alignment, the VAE's config + weight hashes, and, when taken from
-the generate stage, the teacher latents' and noise's bytes). A caption's embedding is stored under `text_key` =
+the generate stage, the teacher latents', noise's and, when there is one, trajectory's bytes, so trajectories
+added to teacher data re-encode just the clips that gained them). A caption's embedding is stored under `text_key` =
 sha256 of (caption, max_sequence_length, text encoder + tokenizer config and weight hashes, precision). A re-run
 hashes the sources, reuses every shard entry whose key it finds, encodes only the rest, and rebuilds the index
 from the current sources alone, so an old entry is never mixed in; shards nothing refers to any more are deleted.
@@ -65,14 +66,18 @@ from dmd.data.schema import (
     SUMMARY,
     TEACHER_LATENTS_TENSOR,
     TEACHER_NOISE_TENSOR,
+    TEACHER_TRAJECTORY_TENSOR,
     TEXT_DIR,
     TEXT_KEY_METADATA,
+    TRAJECTORY_SIGMAS_METADATA,
     Index,
     LatentRows,
     TextRows,
     latents_tensor,
     noise_tensor,
     prompt_embeds_tensor,
+    sigmas_cell,
+    trajectory_tensor,
 )
 from dmd.wan.device import pick_device
 from dmd.wan.latents import LatentGeometry, normalize_latents
@@ -297,7 +302,11 @@ def _teacher_digest(source: Source, sha: str, params: Params) -> dict | None:
     if t.teacher is not None and not _same_model(t.teacher, params.model.pretrained_model_name_or_path):
         return None
     noise = t.noise if t.noise is not None and t.noise.is_file() else None
-    return {"latents": sha256_file(t.latents), "noise": sha256_file(noise) if noise else None}
+    digest = {"latents": sha256_file(t.latents), "noise": sha256_file(noise) if noise else None}
+    # absent without a trajectory, so the entries of clips that have none keep their keys
+    if t.trajectory is not None and t.trajectory.is_file():
+        digest["trajectory"] = sha256_file(t.trajectory)
+    return digest
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -337,6 +346,8 @@ class _Prepared:
     pixels: torch.Tensor | None = None  # (3,F,H,W) in [-1,1]
     latents: torch.Tensor | None = None  # teacher latents (C,T,H,W)
     noise: torch.Tensor | None = None
+    trajectory: torch.Tensor | None = None  # teacher trajectory (K,C,T,H,W)
+    trajectory_sigmas: tuple[float, ...] | None = None
     problem: Problem | None = None
 
 
@@ -367,6 +378,8 @@ def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str 
         latents[latents_tensor(key)] = z
         if prep.noise is not None:
             latents[noise_tensor(key)] = prep.noise
+        if prep.trajectory is not None:
+            latents[trajectory_tensor(key)] = prep.trajectory
         rows.append(
             {
                 LatentRows.LATENT_KEY: key,
@@ -379,6 +392,9 @@ def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str 
                 LatentRows.SOURCE_FRAMES: prep.info[0],
                 LatentRows.SOURCE_HEIGHT: prep.info[1],
                 LatentRows.SOURCE_WIDTH: prep.info[2],
+                LatentRows.TRAJECTORY_SIGMAS: (
+                    None if prep.trajectory is None else list(prep.trajectory_sigmas)
+                ),
             }
         )
 
@@ -485,6 +501,13 @@ def _take_teacher(prep: _Prepared, geometry: LatentGeometry) -> bool:
     )
     prep.latents = latents
     prep.noise = noise if noise is not None and noise.shape == latents.shape else None
+    if teacher.trajectory is not None and teacher.trajectory.is_file():
+        with safe_open(str(teacher.trajectory), framework="pt") as f:
+            trajectory = f.get_tensor(TEACHER_TRAJECTORY_TENSOR).float()
+            sigmas = json.loads((f.metadata() or {}).get(TRAJECTORY_SIGMAS_METADATA, "null"))
+        # a trajectory that does not say its σs, or does not fit the clip, is left out rather than guessed at
+        if sigmas is not None and tuple(trajectory.shape) == (len(sigmas), *latents.shape):
+            prep.trajectory, prep.trajectory_sigmas = trajectory, tuple(float(s) for s in sigmas)
     return True
 
 
@@ -676,6 +699,7 @@ def finalize_cache(
                 Index.SOURCE_FRAMES: int(entry[LatentRows.SOURCE_FRAMES]),
                 Index.SOURCE_HEIGHT: int(entry[LatentRows.SOURCE_HEIGHT]),
                 Index.SOURCE_WIDTH: int(entry[LatentRows.SOURCE_WIDTH]),
+                Index.TRAJECTORY_SIGMAS: _trajectory_sigmas(entry),
             }
         )
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
@@ -736,6 +760,12 @@ def finalize_cache(
     )
     log.info("cache: %s", summary.line())
     return summary
+
+
+def _trajectory_sigmas(entry: pd.Series) -> list[float] | None:
+    """A latents entry's trajectory σs; row tables written before trajectories have no such column."""
+    sigmas = sigmas_cell(entry.get(LatentRows.TRAJECTORY_SIGMAS))
+    return None if sigmas is None else list(sigmas)
 
 
 def _problem_table(problems: list[Problem], problem_sha: dict[str, str], delete: bool) -> pd.DataFrame:

@@ -29,6 +29,8 @@ from dmd.data.schema import (
     latents_tensor,
     noise_tensor,
     prompt_embeds_tensor,
+    sigmas_cell,
+    trajectory_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class LatentCache:
         return len(self.index)
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
-        """latents (C,T,H,W), prompt_embeds (L,D) zero past the caption's length, and noise (C,T,H,W) if any."""
+        """latents (C,T,H,W), prompt_embeds (L,D) zero past the caption's length, noise (C,T,H,W) if any, and the
+        teacher's trajectory (K,C,T,H,W) with its σs (K,) as `trajectory` and `trajectory_sigmas` if any."""
         row = self.index.iloc[self._rows[key]]
         shard = self.root / row[Index.SHARD]
         out = {"latents": self._reader.get(shard, latents_tensor(row[Index.LATENT_KEY]))}
@@ -65,6 +68,11 @@ class LatentCache:
         )
         if row[Index.HAS_NOISE]:
             out["noise"] = self._reader.get(shard, noise_tensor(row[Index.LATENT_KEY]))
+        # an index written before trajectories existed has no such column
+        sigmas = sigmas_cell(row.get(Index.TRAJECTORY_SIGMAS))
+        if sigmas is not None:
+            out["trajectory"] = self._reader.get(shard, trajectory_tensor(row[Index.LATENT_KEY]))
+            out["trajectory_sigmas"] = torch.tensor(sigmas, dtype=torch.float32)
         return out
 
 
@@ -81,6 +89,10 @@ class Batch:
     captions: list[str]
     keys: list[str]
     noise_BCTHW: torch.Tensor | None  # the teacher's initial noise, when every sample has it
+    # the teacher's trajectory at the σs of trajectory_sigmas_K (kept float32 by `to`), when every sample has one
+    # at the same σs
+    trajectory_BKCTHW: torch.Tensor | None = None
+    trajectory_sigmas_K: torch.Tensor | None = None
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -92,6 +104,8 @@ class Batch:
             self.captions,
             self.keys,
             move(self.noise_BCTHW),
+            move(self.trajectory_BKCTHW),
+            None if self.trajectory_sigmas_K is None else self.trajectory_sigmas_K.to(device),
         )
 
 
@@ -195,12 +209,16 @@ class CacheLoader:
         keys = [str(self.cache.index[Index.KEY].iat[r]) for r in rows]
         items = [self.cache.load(k) for k in keys]
         noise = [it.get("noise") for it in items]
+        sigmas = [it.get("trajectory_sigmas") for it in items]
+        trajectories = all(s is not None for s in sigmas) and all(torch.equal(s, sigmas[0]) for s in sigmas)
         return Batch(
             latents_BCTHW=torch.stack([it["latents"] for it in items]),
             prompt_embeds_BLD=torch.stack([it["prompt_embeds"] for it in items]),
             captions=[str(self.cache.index[Index.CAPTION].iat[r]) for r in rows],
             keys=keys,
             noise_BCTHW=torch.stack(noise) if all(n is not None for n in noise) else None,
+            trajectory_BKCTHW=torch.stack([it["trajectory"] for it in items]) if trajectories else None,
+            trajectory_sigmas_K=sigmas[0] if trajectories else None,
         )
 
     def state_dict(self) -> dict:
