@@ -66,3 +66,21 @@ def test_runs_that_change_no_result_leave_dvc_status_clean(tmp_path, tiny_wan_di
     shutil.rmtree(ws / "cache")
     run([dmd, "cache"], ws)
     assert status(ws) == {}
+
+    # an ODE-initialisation setting while the stage is off: it reruns and records the same "off", so nothing
+    # downstream is stale
+    params = (ws / "params.yaml").read_text()
+    assert "ode_init:\n  enabled: false\n  output_dir: output/ode-init\n  max_train_steps: 4\n" in params
+    params = params.replace("  output_dir: output/ode-init\n  max_train_steps: 4\n",
+                            "  output_dir: output/ode-init\n  max_train_steps: 5\n")  # fmt: skip
+    (ws / "params.yaml").write_text(params)
+    assert ran_stages(dvc("repro", cwd=ws).stdout) == ["ode_init"]
+    assert status(ws) == {}
+
+    # a block-causal student: the stages that read the key rerun, and evaluate after them; data and cache do not
+    assert params.count("  causal: false\n") == 1
+    (ws / "params.yaml").write_text(params.replace("  causal: false\n", "  causal: true\n"))
+    assert set(status(ws)) == {"ode_init", "train"}
+    assert ran_stages(dvc("repro", cwd=ws).stdout) == ["ode_init", "train", "evaluate"]
+    assert json.loads((ws / "output" / "student" / "student.json").read_text())["causal"] is True
+    assert status(ws) == {}
