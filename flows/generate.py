@@ -6,6 +6,15 @@ missing or stale shard of A:B (default: the whole target), logging progress. The
 `generate.task_runner`: threads in this process, or Dask (a local cluster, or `generate.dask_address`) to spread
 shards over machines.
 
+Devices. `generate.device` lists the device slots (dmd.wan.device; `auto`: every visible GPU), one teacher each. With
+threads, `generate.workers` × slots threads run shards and each shard leases the least busy slot of this process
+(dmd.data.generate.generate_shard), so every device holds `workers` shards at a time. A local Dask cluster with
+several slots has one worker process per slot, `generate.workers` threads each, and worker i's shards pin its process
+to slot i (the layout of dask-cuda's LocalCUDACluster, which is not a dependency and sets CUDA_VISIBLE_DEVICES per
+worker instead; pinning keeps device names as written, so `cpu,cpu` runs the same code on a machine without GPUs).
+On an existing cluster each worker process spreads its shards over the slots `generate.device` resolves to on its
+machine.
+
 Backfill. The deployment `generate-teacher-data/backfill` runs on the schedule in params
 (`generate.backfill_interval_seconds` or `generate.backfill_cron`); each scheduled run generates the next
 `generate.backfill_shards_per_run` missing shards of the target. `dmd backfill --shards A:B --per-run K` creates
@@ -40,12 +49,14 @@ from dmd.data.generate import (
     GenerationError,
     GenerationPlan,
     ShardResult,
+    devices,
     generate_shard,
     parse_shard_range,
     prepare,
     settings_hash,
 )
 from dmd.data.prompts import PromptLibraryError
+from dmd.wan.device import DeviceSlot, pin_slot
 from dmd.wan.loading import ModelNotFoundError
 
 from .logs import route_library_logs
@@ -63,8 +74,16 @@ GPU_LIMIT = "gpu"
 # slot per accelerator), every shard holds one slot while it runs; the flow looks the limit up once and passes its
 # name, because acquiring a limit that does not exist costs a round trip and a warning per shard.
 @task(name="generate-shard", task_run_name="generate-shard-{shard}", cache_policy=NO_CACHE)
-def generate_shard_task(plan: GenerationPlan, shard: int, concurrency_limit: str | None = None) -> dict:
-    """Generate `shard` (or find it complete); returns the ShardResult as a dict."""
+def generate_shard_task(
+    plan: GenerationPlan,
+    shard: int,
+    concurrency_limit: str | None = None,
+    worker_slots: list[DeviceSlot] | None = None,
+) -> dict:
+    """Generate `shard` (or find it complete) on a device slot of this process; returns the ShardResult as a dict.
+    `worker_slots`: on a local Dask cluster with several slots, the worker's process takes its own first."""
+    if worker_slots:
+        _pin_to_dask_worker(worker_slots)
     with concurrency(concurrency_limit or [], occupy=1, strict=False):
         return asdict(generate_shard(plan, shard))
 
@@ -92,10 +111,14 @@ def _run_shard_tasks(plan: GenerationPlan, todo: list[int], logger) -> tuple[lis
     total = sum(len(plan.samples(k)) for k in todo)
     done, results, failed = 0, [], []
     start = time.perf_counter()
-    with _task_runner(cfg) as runner:
-        futures = {
-            runner.submit(task, {"plan": plan, "shard": k, "concurrency_limit": limit}): k for k in todo
-        }
+    slots = devices(plan.params)
+    where = "as each Dask worker finds them" if cfg.dask_address else ", ".join(str(s) for s in slots)
+    logger.info(
+        "devices (generate.device=%s): %s; %d shard(s) in flight per device", cfg.device, where, cfg.workers
+    )
+    parameters = {"plan": plan, "concurrency_limit": limit, "worker_slots": _local_dask_slots(cfg, slots)}
+    with _task_runner(cfg, slots) as runner:
+        futures = {runner.submit(task, {**parameters, "shard": k}): k for k in todo}
         for future in as_completed(list(futures)):
             shard = futures[future]
             try:
@@ -109,9 +132,10 @@ def _run_shard_tasks(plan: GenerationPlan, todo: list[int], logger) -> tuple[lis
             elapsed = time.perf_counter() - start
             rate = done / elapsed
             logger.info(
-                "shard %d done (%d videos, %d trajectories, %.1f s, teacher %.1f s) | %d/%d videos, %.2f videos/s, "
-                "ETA %.0f s",
+                "shard %d done on %s (%d videos, %d trajectories, %.1f s, teacher %.1f s) | %d/%d videos, "
+                "%.2f videos/s, ETA %.0f s",
                 shard,
+                result.device or "no device",
                 result.videos,
                 result.trajectories,
                 result.seconds,
@@ -124,22 +148,43 @@ def _run_shard_tasks(plan: GenerationPlan, todo: list[int], logger) -> tuple[lis
     return results, sorted(failed)
 
 
-def _task_runner(cfg: GenerateConfig):
+def _task_runner(cfg: GenerateConfig, slots: list[DeviceSlot] | None = None):
+    """The task runner of `generate.task_runner` for the device slots `slots` (default: one)."""
+    per_device = len(slots or [None])
     if cfg.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
+        # One device: `workers` processes, each with its own teacher (on the CPU they sample side by side). Several:
+        # one process per device, its shards on `workers` threads sharing its teacher, as threads do in this process.
+        processes, threads = (cfg.workers, 1) if per_device == 1 else (per_device, cfg.workers)
         # scheduler, workers and dashboard on loopback only (the dashboard would listen on every interface)
         return DaskTaskRunner(
             cluster_kwargs={
-                "n_workers": cfg.workers,
-                "threads_per_worker": 1,
+                "n_workers": processes,
+                "threads_per_worker": threads,
                 "host": "127.0.0.1",
                 "dashboard_address": "127.0.0.1:0",
             }
         )
-    return ThreadPoolTaskRunner(max_workers=cfg.workers)
+    return ThreadPoolTaskRunner(max_workers=cfg.workers * per_device)
+
+
+def _local_dask_slots(cfg: GenerateConfig, slots: list[DeviceSlot]) -> list[DeviceSlot] | None:
+    """The slots the workers of a local Dask cluster pin themselves to (worker i: slot i), or None when shards
+    lease from every slot of their process (threads, an existing cluster, a single slot)."""
+    if cfg.task_runner != "dask" or cfg.dask_address or len(slots) == 1:
+        return None
+    return slots
+
+
+def _pin_to_dask_worker(slots: list[DeviceSlot]) -> None:
+    """Pin this Dask worker process to its slot: LocalCluster names its workers 0..n-1 and a worker the nanny
+    restarts keeps its name, so worker i always leases slot i and loads one teacher, on that device."""
+    from distributed import get_worker
+
+    pin_slot(slots[int(get_worker().name) % len(slots)])
 
 
 def _gpu_limit(logger) -> str | None:

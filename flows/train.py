@@ -1,5 +1,6 @@
 """`dmd train`: the `train` flow. One task trains and exports the student (on `train.num_processes` processes
-through dmd.training.launch when above 1), then the flow writes params.effective.yaml beside the student."""
+through dmd.training.launch when above 1; `auto`: one per visible CUDA device), then the flow writes
+params.effective.yaml beside the student."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dmd.core.config import ConfigError, dump_stage, load
 from dmd.core.io import write_text
 from dmd.training.checkpoint import CheckpointError
 from dmd.training.loop import NonFiniteError
+from dmd.wan.device import cuda_device_count, resolve_num_processes
 
 from .subflow import run_stage_flow
 
@@ -31,12 +33,13 @@ def train_student(params_file: str, overrides: list[str], progress: bool = True)
     """Train and export the student, in this process or as workers started by dmd.training.launch; returns its
     directory."""
     params = load(params_file, overrides)
-    if params.train.run.num_processes == 1:
+    num_processes = resolve_num_processes(params.train.run.num_processes)
+    if num_processes == 1:
         from dmd.training.loop import train
 
         return train(params, progress=progress)
     # each worker reads its settings (mixed precision included) from the params file
-    command = launch_command(params_file, overrides, params.train.run.num_processes)
+    command = launch_command(params_file, overrides, num_processes)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     result = subprocess.run(command, env=env)
     if result.returncode:
@@ -53,10 +56,17 @@ def train_flow(
 ) -> Path:
     params = load(params_file, overrides)
     logger = get_run_logger()
+    setting = params.train.run.num_processes
+    auto = (
+        f" (train.num_processes: auto, {cuda_device_count()} visible CUDA device(s))"
+        if setting == "auto"
+        else ""
+    )
     logger.info(
-        "training %s steps on %d process(es); checkpoints in %s",
+        "training %s steps on %d process(es)%s; checkpoints in %s",
         params.train.run.max_train_steps or f"{params.train.run.num_train_epochs} epochs of",
-        params.train.run.num_processes,
+        resolve_num_processes(setting),
+        auto,
         params.train.checkpoint.checkpoint_dir,
     )
     student_dir = train_student(params_file, list(overrides or []), progress)

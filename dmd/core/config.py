@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,34 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+
+
+AUTO = "auto"
+# a device entry before torch reads it: a type and an optional index (`cuda`, `cuda:1`, `cpu`)
+_DEVICE_ENTRY = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
+
+
+def device_setting_problem(value: str) -> str | None:
+    """Why `value` is not a device setting (auto, a device name, or a comma-separated list of names), else None.
+    Syntax only, so settings for a GPU machine validate anywhere; dmd.wan.device checks the devices exist."""
+    if value.strip() == AUTO:
+        return None
+    entries = [e.strip() for e in value.split(",")]
+    bad = [e for e in entries if not _DEVICE_ENTRY.fullmatch(e) or e == AUTO]
+    if not bad:
+        return None
+    return (
+        f"{value!r} is not a device setting: use 'auto' (every visible CUDA device, else the CPU), one device "
+        f"such as 'cuda:0' or 'cpu', or a comma-separated list such as 'cuda:0,cuda:1'"
+        + (f" (bad entry {bad[0]!r})" if len(entries) > 1 else "")
+    )
+
+
+def _device_setting(value: str) -> str:
+    problem = device_setting_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 class ConfigError(ValueError):
@@ -204,15 +233,19 @@ class GenerateConfig(Section):
         "regenerating their videos.",
     )
     device: str = Field(
-        "auto", description="'auto' (cuda when available, else cpu) or a torch device string."
+        "auto",
+        description="Where the teacher samples: 'auto' (every visible CUDA device, else the CPU), a torch device "
+        "('cuda:0', 'cpu'), or a comma-separated list ('cuda:0,cuda:1'). One teacher per listed device; each shard "
+        "runs on the least busy one. Which device made a sample does not change it.",
     )
     task_runner: Literal["thread", "dask"] = "thread"
     workers: int = Field(
         2,
         ge=1,
-        description="Shards in flight at once: threads of the thread runner (they share one teacher per process and "
-        "take turns per batch, so file writing overlaps sampling) or processes of a local Dask cluster "
-        "(each loads its own teacher).",
+        description="Shards in flight per device. Thread runner: workers × devices threads; the shards on a device "
+        "share its teacher and take turns per batch, so file writing overlaps sampling. Local Dask cluster: with "
+        "one device, `workers` processes (each loads its own teacher); with several, one process per device "
+        "with `workers` threads.",
     )
     dask_address: str | None = Field(
         None, description="An existing Dask scheduler; None starts a local cluster."
@@ -235,6 +268,11 @@ class GenerateConfig(Section):
     @classmethod
     def _size(cls, value: int) -> int:
         return check_size(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _device_setting(value)
 
     @model_validator(mode="after")
     def _shape(self):
@@ -351,6 +389,16 @@ class CacheConfig(Section):
         "own size and the video is unchanged since generation; otherwise encode the video.",
     )
     num_workers: int = Field(2, ge=0, description="Threads decoding and resizing videos (0: inline).")
+    device: str = Field(
+        "auto",
+        description="Where the VAE and text encoder run, as generate.device: 'auto', a device, or a list; with "
+        "several, one VAE per device and chunks encoded on all of them at once (captions on the first).",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return _device_setting(value)
 
 
 class OdeInitConfig(Section):
@@ -578,11 +626,11 @@ class RunConfig(TrainGroup):
         "end (epochs past it are ignored); false ends at whichever comes first.",
     )
     output_dir: str = Field("output/student", description="The exported student; validation/ inside it.")
-    num_processes: int = Field(
+    num_processes: int | Literal["auto"] = Field(
         1,
-        ge=1,
         description="Training processes (one per GPU, or CPU processes with gloo); above 1 the train flow starts "
-        "them with torchrun, every socket on loopback (dmd/training/launch.py).",
+        "them with torchrun, every socket on loopback (dmd/training/launch.py). 'auto': one per visible CUDA "
+        "device, and 1 on a machine without CUDA.",
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
@@ -590,6 +638,16 @@ class RunConfig(TrainGroup):
     max_consecutive_nonfinite: int = Field(
         5, ge=1, description="Stop after this many consecutive steps with a non-finite loss or gradient."
     )
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _num_processes(cls, value: Any) -> Any:
+        # one message for both members of the union, instead of pydantic's one per member
+        if value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(
+            f"{value!r}: expected a whole number of processes (1 or more) or 'auto' (one per visible CUDA device)"
+        )
 
 
 class StudentConfig(TrainGroup):
@@ -1258,15 +1316,16 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
-# Settings that change how a stage runs but not what it writes: parallelism, encoder batch sizes (cache keys leave
+# Settings that change how a stage runs but not what it writes: parallelism, the devices (a sample's noise is drawn on
+# the CPU from its seed, so the device that made it does not show in it), encoder batch sizes (cache keys leave
 # them out), retries, schedules, where progress is reported, how checkpoints are kept, where the evaluation keeps its
 # teacher reference and on how many items it re-times a reused teacher run. They stay out of the
 # settings a stage records inside its outputs, so changing one of them moves no output's hash.
 RUN_SETTINGS = frozenset({
-    "generate.task_runner", "generate.workers", "generate.dask_address", "generate.retries",
+    "generate.device", "generate.task_runner", "generate.workers", "generate.dask_address", "generate.retries",
     "generate.retry_delay_seconds", "generate.backfill_interval_seconds", "generate.backfill_cron",
     "generate.backfill_shards_per_run",
-    "cache.vae_batch_size", "cache.text_batch_size", "cache.num_workers",
+    "cache.vae_batch_size", "cache.text_batch_size", "cache.num_workers", "cache.device",
     "train.checkpoint_dir", "train.checkpoint_step_interval", "train.checkpoints_total_limit",
     "train.resume_from_checkpoint", "train.max_consecutive_nonfinite", "train.webhook_config",
     "train.tracker_project_name", "train.tracker_run_name", "train.push_checkpoints_to_hub",

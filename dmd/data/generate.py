@@ -16,10 +16,11 @@ Layout of `generate.output_dir`:
 Sample i (its global index) has id `f"{i:08d}"`, prompt `prompts[prompt_index(seed, i, len(prompts))]` (the library in
 a hashed order, a new one per pass) and seed `sample_seed(seed, i)`;
 its initial noise is drawn on the CPU from that seed alone and handed to the pipeline, so a sample does not depend
-on which run, shard, batch or device made it, and any shard can be regenerated alone. A shard is written into a
-temporary directory and renamed when complete, so a killed run leaves nothing that counts as done. Each shard
-manifest carries a fingerprint of everything that determined its content (settings, prompts, seeds, teacher); a
-shard whose fingerprint differs from the current plan is stale and is regenerated.
+on which run, shard, batch or device made it, and any shard can be regenerated alone. Shards are spread over the
+devices of `generate.device` (dmd.wan.device: one teacher per listed device, each shard on the least busy one). A
+shard is written into a temporary directory and renamed when complete, so a killed run leaves nothing that counts
+as done. Each shard manifest carries a fingerprint of everything that determined its content (settings, prompts,
+seeds, teacher); a shard whose fingerprint differs from the current plan is stale and is regenerated.
 
 Trajectories (`generate.save_trajectory`) are the σs of `trajectory_sigmas`, exactly the student's rollout σs; the
 clean end point is the latents file. They enter the fingerprint only when on, so shards made without them keep
@@ -43,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ from dmd.data.schema import (
     sigmas_cell,
     teacher_shard_name,
 )
-from dmd.wan.device import resolve_device
+from dmd.wan.device import DeviceError, DeviceSlot, device_pool, resolve_devices
 from dmd.wan.latents import initial_noise
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ MISSING = "missing"
 # ones: reruns on the same device and precision agree exactly; another GPU or kernel moves them slightly, while another
 # teacher, noise or precision moves them by about their own size
 REGENERATED_LATENTS_TOLERANCE = 1e-2
+
+DEVICE_KEY = "generate.device"
 
 
 class GenerationError(ValueError):
@@ -328,7 +331,8 @@ def prepare(params: Params) -> GenerationPlan:
     cfg, model = params.generate, params.model
     model_source(model.pretrained_model_name_or_path, "model.pretrained_model_name_or_path")
     text_encoder = model_source(model.text_encoder_path, "model.pretrained_t5_model_name_or_path")
-    check_model_dir(model, resolve_device(cfg.device))
+    for device in sorted({slot.device for slot in devices(params)}):
+        check_model_dir(model, device)
     geometry = load_geometry(model)
     spatial, patch = geometry.spatial_factor, geometry.patch_size
     for key, value, p in (("height", cfg.height, patch[1]), ("width", cfg.width, patch[2])):
@@ -347,6 +351,18 @@ def prepare(params: Params) -> GenerationPlan:
     # last: it creates the folder, which a rejected input must not leave behind
     _check_writable(Path(cfg.output_dir))
     return GenerationPlan(params, prompts, teacher_revision(params.model))
+
+
+def devices(params: Params) -> list[DeviceSlot]:
+    """The slots of generate.device on this machine; GenerationError when it names a device that is not here. With
+    an existing Dask cluster (generate.dask_address) the shards run on its workers' machines, which check their own
+    devices."""
+    cfg = params.generate
+    remote = cfg.task_runner == "dask" and cfg.dask_address is not None
+    try:
+        return resolve_devices(cfg.device, DEVICE_KEY, present=not remote)
+    except DeviceError as e:
+        raise GenerationError(str(e)) from None
 
 
 def _check_trajectory_scheduler(model: ModelConfig) -> None:
@@ -401,7 +417,8 @@ class SampledBatch:
 
 
 class TeacherWorker:
-    """The teacher (dmd.wan.sampler), loaded once per process and shared by the shards sampled in it.
+    """The teacher (dmd.wan.sampler), loaded once per process and device slot, and shared by the shards sampled
+    there.
 
     All of its torch work (loading, denoising, decoding) runs on one dedicated thread, whichever task thread
     asks: one batch at a time, since a pipeline's scheduler is stateful, while the task threads write files. One
@@ -411,28 +428,38 @@ class TeacherWorker:
     """
 
     _shared: dict[str, TeacherWorker] = {}
+    # one load at a time in a process, whatever the slot: loading (accelerate's init_empty_weights, which diffusers
+    # and transformers use) patches torch.nn.Module for the whole process while it builds a model, and two loads in
+    # two threads left each other's weights on the meta device
     _shared_lock = threading.Lock()
 
-    def __init__(self, params: Params):
-        self.device = resolve_device(params.generate.device)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+    def __init__(self, params: Params, slot: DeviceSlot | None = None):
+        self.slot = slot or devices(params)[0]
+        self.device = torch.device(self.slot.device)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{self.slot.index}")
         self.pipe, self.decode = self._thread.submit(self._load, params).result()
 
     def _load(self, params: Params):
         from dmd.wan.decode import LatentDecoder
         from dmd.wan.sampler import load_teacher_pipeline
 
+        if self.device.type == "cuda" and self.device.index is not None:
+            # the current CUDA device is per thread: this one's is the teacher's, so nothing it runs without
+            # naming a device (a library's scratch tensor) lands on cuda:0 beside another slot's teacher
+            torch.cuda.set_device(self.device)
         pipe = load_teacher_pipeline(params.model, self.device, flow_shift(params))
         return pipe, LatentDecoder(pipe.vae)
 
     @classmethod
-    def shared(cls, params: Params) -> TeacherWorker:
+    def shared(cls, params: Params, slot: DeviceSlot | None = None) -> TeacherWorker:
+        """The teacher of `slot` (default: generate.device's first) in this process, loaded on first use."""
+        slot = slot or devices(params)[0]
         key = json.dumps(
-            [params.model.model_dump(), params.generate.device, flow_shift(params)], sort_keys=True
+            [params.model.model_dump(), slot.index, slot.device, flow_shift(params)], sort_keys=True
         )
         with cls._shared_lock:
             if key not in cls._shared:
-                cls._shared[key] = cls(params)
+                cls._shared[key] = cls(params, slot)
             return cls._shared[key]
 
     def sample(
@@ -485,23 +512,36 @@ class ShardResult:
     seconds: float
     sampling_seconds: float
     trajectories: int = 0  # trajectory files written by this call, with their videos or alone
+    # the device slot that sampled it ("index:device", dmd.wan.device.DeviceSlot); None when nothing was sampled
+    device: str | None = None
 
 
 def generate_shard(plan: GenerationPlan, shard: int, teacher: TeacherWorker | None = None) -> ShardResult:
-    """Generate `shard` unless it is complete; the shard directory appears only when every file is written."""
+    """Generate `shard` unless it is complete; the shard directory appears only when every file is written.
+    Without a `teacher`, the shard takes the least busy slot of generate.device for as long as it runs and, when
+    it has to sample, that slot's teacher (this process's, loaded on first use)."""
     start = time.perf_counter()
     status = plan.status(shard)
     if status == COMPLETE:
         return ShardResult(shard, 0, time.perf_counter() - start, 0.0)
+    if teacher is not None:
+        return _make_shard(plan, shard, status, lambda: teacher, start)
+    with device_pool(plan.params.generate.device, DEVICE_KEY).lease() as slot:
+        return _make_shard(plan, shard, status, lambda: TeacherWorker.shared(plan.params, slot), start)
+
+
+def _make_shard(
+    plan: GenerationPlan, shard: int, status: str, get_teacher: Callable[[], TeacherWorker], start: float
+) -> ShardResult:
     if status == MISSING_TRAJECTORIES:
-        return _renew_trajectories(plan, shard, teacher, start)
+        return _renew_trajectories(plan, shard, get_teacher, start)
     if status == STALE:
         log.warning("%s was made with other settings or lost files; regenerating it", plan.shard_dir(shard))
     cfg = plan.params.generate
     samples = plan.samples(shard)
     final = plan.shard_dir(shard)
     _remove_leftovers(final)
-    teacher = teacher or TeacherWorker.shared(plan.params)
+    teacher = get_teacher()
     fingerprint = plan.fingerprint(shard)
     rows, sampling = [], 0.0
     with atomic_dir(final) as tmp:
@@ -512,11 +552,13 @@ def generate_shard(plan: GenerationPlan, shard: int, teacher: TeacherWorker | No
                 rows.append(_write_sample(tmp, sample, out, k, plan, fingerprint))
         write_parquet(tmp / MANIFEST, pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
     trajectories = len(samples) if plan.trajectory_sigmas is not None else 0
-    return ShardResult(shard, len(samples), time.perf_counter() - start, sampling, trajectories)
+    return ShardResult(
+        shard, len(samples), time.perf_counter() - start, sampling, trajectories, str(teacher.slot)
+    )
 
 
 def _renew_trajectories(
-    plan: GenerationPlan, shard: int, teacher: TeacherWorker | None, start: float
+    plan: GenerationPlan, shard: int, get_teacher: Callable[[], TeacherWorker], start: float
 ) -> ShardResult:
     """Bring a shard whose videos, latents and noise are current to the plan's trajectories without touching those
     files: the teacher runs again from each sample's saved noise (its seed's when none was saved), its clean
@@ -531,7 +573,7 @@ def _renew_trajectories(
     _remove_leftovers(final)
     row_of = {sample_id: i for i, sample_id in enumerate(rows[Manifest.ID])}
     names: list[str | None] = [None] * len(rows)
-    sampling = 0.0
+    sampling, device = 0.0, None
     if sigmas is None:
         log.info("%s: dropping its trajectories (generate.save_trajectory is off)", final)
     else:
@@ -544,7 +586,8 @@ def _renew_trajectories(
                 if isinstance(name, str):
                     _link(final / name, tmp / name)
         if sigmas is not None:
-            teacher = teacher or TeacherWorker.shared(plan.params)
+            teacher = get_teacher()
+            device = str(teacher.slot)
             for batch in _batches(plan.samples(shard), cfg.batch_size):
                 batch_rows = [rows.iloc[row_of[s.id]] for s in batch]
                 out = teacher.sample(batch, plan.params, _saved_noise(final, batch_rows), decode=False)
@@ -559,7 +602,7 @@ def _renew_trajectories(
         rows[Manifest.TRAJECTORY_SIGMAS] = [None if sigmas is None else list(sigmas) for _ in names]
         write_parquet(tmp / MANIFEST, rows[MANIFEST_COLUMNS])
     written = sum(name is not None for name in names)
-    return ShardResult(shard, 0, time.perf_counter() - start, sampling, written)
+    return ShardResult(shard, 0, time.perf_counter() - start, sampling, written, device)
 
 
 def _link(source: Path, target: Path) -> None:
@@ -729,6 +772,8 @@ class GenerationReport:
     complete_shards: int  # complete shards of the target after the run
     target_shards: int
     trajectories: int = 0  # trajectory files this run wrote (with new videos, or added to existing ones)
+    # device slot ("index:device") -> the shards this run sampled on it
+    placement: dict[str, list[int]] = field(default_factory=dict)
 
 
 def generate_teacher_data(
@@ -778,4 +823,13 @@ def generate_teacher_data(
         complete_shards=plan.num_shards - left,
         target_shards=plan.num_shards,
         trajectories=sum(r.trajectories for r in results),
+        placement=_placement(results),
     )
+
+
+def _placement(results: list[ShardResult]) -> dict[str, list[int]]:
+    placement: dict[str, list[int]] = {}
+    for r in sorted(results, key=lambda r: r.shard):
+        if r.device is not None:
+            placement.setdefault(r.device, []).append(r.shard)
+    return dict(sorted(placement.items()))

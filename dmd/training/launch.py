@@ -1,5 +1,6 @@
 """`python -m dmd.training.launch N PARAMS [section.key=value ...]`: `python -m dmd.training.loop` on N processes of this machine,
-every socket on loopback.
+every socket on loopback. N may be `auto`: one process per visible CUDA device (1 without CUDA), as
+`train.num_processes: auto`.
 
 The processes are started by torchrun (`torch.distributed.run`, what `accelerate launch` runs underneath); each
 worker's Accelerator then picks NCCL on GPUs and gloo on CPU. torchrun serves its rendezvous store on all
@@ -31,16 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     from dmd.core.process import stop_with_parent
+    from dmd.wan.device import resolve_num_processes
 
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or not argv[0].isdigit():
+    if len(argv) < 2 or not (argv[0].isdigit() and int(argv[0]) >= 1 or argv[0] == "auto"):
         print(
-            "usage: python -m dmd.training.launch NUM_PROCESSES PARAMS_FILE [section.key=value ...]",
+            "usage: python -m dmd.training.launch NUM_PROCESSES|auto PARAMS_FILE [section.key=value ...]",
             file=sys.stderr,
         )
         return 2
     stop_with_parent()  # a killed train stage takes its launcher, and through it the workers, along
-    num_processes, params_file, overrides = argv[0], argv[1], argv[2:]
+    num_processes, params_file, overrides = str(resolve_num_processes(argv[0])), argv[1], argv[2:]
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind((LOOPBACK, 0))
     listener.listen(128)

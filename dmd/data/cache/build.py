@@ -9,6 +9,11 @@ hashes the sources, reuses every shard entry whose key it finds, encodes only th
 from the current sources alone, so an old entry is never mixed in; shards nothing refers to any more are deleted.
 A shard is written (atomically) before its row table, so an interrupted run keeps what it finished.
 
+Devices. Captions are embedded on the first device of `cache.device`; chunks are encoded one after another there, or,
+given an `encode_chunks` that maps them over a task runner (the cache flow does, when `cache.device` lists several
+devices), on every device at once, one VAE per device. A chunk's shard is named by its content, so which device
+encoded it does not show in the cache.
+
 Latents are the VAE posterior's mode (its mean: deterministic), normalised as diffusers' WanPipeline expects,
 `(z - latents_mean) / latents_std`; WanPipeline decodes with `z = latents * latents_std + latents_mean`.
 Text embeddings equal `WanPipeline.encode_prompt` (positions past each prompt's length are zero); they are stored
@@ -79,7 +84,7 @@ from dmd.data.schema import (
     sigmas_cell,
     trajectory_tensor,
 )
-from dmd.wan.device import pick_device
+from dmd.wan.device import DeviceSlot, resolve_devices
 from dmd.wan.latents import LatentGeometry, normalize_latents
 from dmd.wan.loading import count_truncated, encode_prompts, load_text_encoder, load_vae
 
@@ -90,6 +95,14 @@ DECODE_PROBLEMS = ("not_a_video", "corrupt")  # depend on the bytes alone, so a 
 
 class NoUsableSamplesError(RuntimeError):
     """Every source was a problem; the message counts them by kind and shows some."""
+
+
+DEVICE_KEY = "cache.device"
+
+
+def cache_devices(params: Params) -> list[DeviceSlot]:
+    """The slots of cache.device on this machine (DeviceError, a ValueError naming the key, when one is not here)."""
+    return resolve_devices(params.cache.device, DEVICE_KEY)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -351,24 +364,37 @@ class _Prepared:
     problem: Problem | None = None
 
 
-_MODEL_LOCK = threading.Lock()  # Wan's VAE keeps per-call feature caches: one encode at a time per process
+# Wan's VAE keeps per-call feature caches: one encode at a time per VAE (one VAE per device slot, each with its own
+# lock); the text encoder takes this one
+_MODEL_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=1)
-def _vae(model_json: str, device: str):
-    return load_vae(ModelConfig.model_validate_json(model_json), device)
+# One load at a time: loading (accelerate's init_empty_weights, which diffusers and transformers use) patches
+# torch.nn.Module for the whole process while it builds a model, so two loads in two threads can leave each other's
+# weights on the meta device.
+_LOAD_LOCK = threading.Lock()
+
+
+@functools.cache  # one per device slot of the run; finalize_cache frees them
+def _vae(model_json: str, slot: DeviceSlot) -> tuple[object, threading.Lock]:
+    with _LOAD_LOCK:
+        return load_vae(ModelConfig.model_validate_json(model_json), slot.device), threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
 def _text_encoder(model_json: str, device: str):
-    return load_text_encoder(ModelConfig.model_validate_json(model_json), device)
+    with _LOAD_LOCK:
+        return load_text_encoder(ModelConfig.model_validate_json(model_json), device)
 
 
-def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str | None = None) -> ChunkResult:
-    """Encode `items` (one shard directory) into one shard; unusable files come back as problems."""
+def encode_chunk(
+    params: Params, plan: Plan, items: list[WorkItem], device: str | DeviceSlot | None = None
+) -> ChunkResult:
+    """Encode `items` (one shard directory) into one shard with the VAE of `device` (a device name or slot;
+    default: cache.device's first); unusable files come back as problems."""
     started = time.perf_counter()
     cfg, geometry = params.cache, plan.geometry
-    device = device or str(pick_device())
+    slot = _slot(params, device)
     latents: dict[str, torch.Tensor] = {}
     rows, problems, problem_sha = [], [], {}
     pending: dict[Bucket, list[_Prepared]] = {}
@@ -400,9 +426,8 @@ def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str 
 
     def flush(bucket: Bucket) -> None:
         batch = pending.pop(bucket)
-        z = encode_pixels(
-            _vae(params.model.model_dump_json(), device), torch.stack([p.pixels for p in batch]), geometry
-        )
+        vae, lock = _vae(params.model.model_dump_json(), slot)
+        z = encode_pixels(vae, torch.stack([p.pixels for p in batch]), geometry, lock)
         for prep, zi in zip(batch, z):
             add(prep, zi.clone(), "vae")
 
@@ -432,10 +457,18 @@ def encode_chunk(params: Params, plan: Plan, items: list[WorkItem], device: str 
     return ChunkResult(table, problems, problem_sha, len(items), time.perf_counter() - started)
 
 
+def _slot(params: Params, device: str | DeviceSlot | None) -> DeviceSlot:
+    if isinstance(device, DeviceSlot):
+        return device
+    return DeviceSlot(0, device) if device else cache_devices(params)[0]
+
+
 @torch.no_grad()
-def encode_pixels(vae, pixels_BCFHW: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
+def encode_pixels(
+    vae, pixels_BCFHW: torch.Tensor, geometry: LatentGeometry, lock: threading.Lock = _MODEL_LOCK
+) -> torch.Tensor:
     """Normalised latents (B,C,T,H,W) in float32: the posterior's mode, `(z - latents_mean) / latents_std`."""
-    with _MODEL_LOCK:
+    with lock:
         z = vae.encode(pixels_BCFHW.to(vae.device, vae.dtype)).latent_dist.mode()
     return normalize_latents(z.float().cpu(), geometry.latents_mean, geometry.latents_std)
 
@@ -517,7 +550,7 @@ def encode_texts(params: Params, plan: Plan, device: str | None = None) -> pd.Da
     Returns the text shard rows of the captions (reused and new), one per text_key.
     """
     cfg, text_dir = params.cache, plan.output_dir / TEXT_DIR
-    device = device or str(pick_device())
+    device = device or _slot(params, None).device
     captions = sorted({source.caption for source, _, _ in plan.sources})
     keys = {c: text_key(c, plan.text_id) for c in captions}
     available = read_shard_tables([text_dir])
@@ -793,15 +826,31 @@ def _remove_unreferenced(out: Path, shard_dirs: list[Path], index: pd.DataFrame)
                 shard.unlink(missing_ok=True)
 
 
-def build_cache(params: Params, device: str | None = None) -> CacheSummary:
-    """The whole stage without Prefect: plan, embed captions, encode chunks, finish (tests, benchmarks)."""
-    plan = plan_cache(params)
-    text_rows = encode_texts(params, plan, device)
+# (params, plan, chunks, device slots) -> one ChunkResult per chunk, in the chunks' order
+ChunkEncoder = Callable[[Params, Plan, list[list[WorkItem]], list[DeviceSlot]], list[ChunkResult]]
+
+
+def encode_in_order(
+    params: Params, plan: Plan, chunks: list[list[WorkItem]], slots: list[DeviceSlot]
+) -> list[ChunkResult]:
+    """The plain ChunkEncoder: one chunk after another, on the first slot."""
     results = []
-    chunks = plan.chunks(params.cache.chunk_size)
     for chunk in chunks:
-        results.append(encode_chunk(params, plan, chunk, device))
+        results.append(encode_chunk(params, plan, chunk, slots[0]))
         log.info("cache %s", progress_line(results, len(chunks)))
+    return results
+
+
+def build_cache(
+    params: Params, device: str | None = None, encode_chunks: ChunkEncoder = encode_in_order
+) -> CacheSummary:
+    """The whole stage: plan, embed captions, encode chunks (`encode_chunks` decides where: in order on the first
+    device by default, on every device of cache.device in the flow), finish. `device` overrides cache.device with
+    one device (tests, benchmarks)."""
+    slots = [DeviceSlot(0, device)] if device else cache_devices(params)
+    plan = plan_cache(params)
+    text_rows = encode_texts(params, plan, slots[0].device)
+    results = encode_chunks(params, plan, plan.chunks(params.cache.chunk_size), slots)
     return finalize_cache(params, plan, results, text_rows)
 
 
