@@ -32,6 +32,7 @@ from dmd.distill.roles import STUDENT_ADAPTER
 from dmd.distill.rollout import RolloutSchedule, transformer_velocity
 from dmd.training.optim import build_optimizer
 from dmd.wan.causal import block_causal
+from dmd.wan.device import pick_device
 from dmd.wan.formats import LORA_WEIGHTS, load_lora_weights, save_lora_weights
 from dmd.wan.loading import add_lora, load_transformer, load_transformer_folder
 
@@ -64,7 +65,8 @@ def ode_regression_loss(
     """MSE of the student's x̂0 against the clean latents, from trajectory points drawn per block (module doc)."""
     inputs, steps_BN = draw_trajectory_points(batch.trajectory_BKCTHW, block_ranges, generator)
     frames_per_block = torch.tensor([end - start for start, end in block_ranges])
-    frame_sigmas_BT = sigmas_K[steps_BN].repeat_interleave(frames_per_block, dim=1).to(inputs.device)
+    # the draws and the σ table on the CPU (where the generator draws), then the σs to the batch's device
+    frame_sigmas_BT = sigmas_K.cpu()[steps_BN].repeat_interleave(frames_per_block, dim=1).to(inputs.device)
     if causal is None:
         velocity = model(inputs, sigma_to_timestep(frame_sigmas_BT), batch.prompt_embeds_BLD)
     else:
@@ -84,7 +86,7 @@ def ode_init(params: Params, *, progress: bool = True) -> Path:
         return out
     schedule = RolloutSchedule.from_params(params)
     loader = CacheLoader(open_cache(params.cache.output_dir), cfg.train_batch_size, cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device()
     student = _student(params, device)
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(parameters, params.train.optim.optimizer, cfg.learning_rate)
@@ -151,7 +153,7 @@ def load_initial_student(params: Params, student_transformer) -> str | None:
     return card["weights_sha256"]
 
 
-def _student(params: Params, device: str):
+def _student(params: Params, device: torch.device):
     if params.model.base_model_precision == "int8-quanto":
         raise OdeInitError(
             "ode_init on an int8-quanto base is not supported: set model.base_model_precision to a float "
