@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 from dmd.distill.rollout import RolloutSchedule
 from dmd.wan.causal import BlockCausalProcessor, KVCache, block_causal, block_mask
+from dmd.wan.tiny import build_transformer
 
 B, C, H, W = 2, 4, 4, 4
 TPF = (H // 2) * (W // 2)  # tokens per latent frame at patch (1, 2, 2)
@@ -21,19 +22,9 @@ LAYOUTS = {
 
 
 def _model(num_layers=2, rope_max_seq_len=1024, patch_size=(1, 2, 2), seed=0) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=patch_size,
-        num_attention_heads=2,
-        attention_head_dim=12,  # Wan's rope splits a head 4/4/4 over (t, h, w)
-        in_channels=C,
-        out_channels=C,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=num_layers,
-        rope_max_seq_len=rope_max_seq_len,
-    ).eval()
+    # two heads of 12: Wan's rope splits a head 4/4/4 over (t, h, w)
+    return build_transformer(in_channels=C, text_dim=16, num_layers=num_layers, ffn_dim=32, seed=seed, freq_dim=16,
+                             patch_size=patch_size, rope_max_seq_len=rope_max_seq_len).eval()  # fmt: skip
 
 
 def _inputs(frames, seed=1, dtype=torch.float32):

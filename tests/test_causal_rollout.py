@@ -11,23 +11,15 @@ from dmd.core.flow_matching import add_noise, sigma_to_timestep, x0_from_velocit
 from dmd.core.noise import randn
 from dmd.distill.rollout import RolloutSchedule, rollout, sample, transformer_velocity
 from dmd.wan.causal import block_causal
+from dmd.wan.tiny import build_transformer
 
 SIGMAS = (1.0, 0.757, 0.522)
 C, H, W = 4, 4, 4
 
 
 def _model(seed=0) -> WanTransformer3DModel:
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=C,
-        out_channels=C,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
+    return build_transformer(
+        in_channels=C, text_dim=16, ffn_dim=32, seed=seed, freq_dim=16, rope_max_seq_len=1024
     ).eval()
 
 

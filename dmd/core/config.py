@@ -632,6 +632,12 @@ class RunConfig(TrainGroup):
         "them with torchrun, every socket on loopback (dmd/training/launch.py). 'auto': one per visible CUDA "
         "device, and 1 on a machine without CUDA.",
     )
+    fsdp: bool = Field(
+        False,
+        description="Shard the full trainable copies (a model_type: full student, a full-copy critic) over the "
+        "processes with torch's FSDP2, one unit per transformer block: for students too big to hold whole on one "
+        "GPU (dmd/training/sharding.py). The frozen base stays whole; checkpoints and the export are gathered.",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="accelerate autocast for the forward passes; fp16 adds a gradient scaler."
     )
@@ -855,6 +861,7 @@ TRAIN_KEY_ORDER = (
     "checkpoints_total_limit",
     "resume_from_checkpoint",
     "num_processes",
+    "fsdp",
     "report_to",
     "metrics_dir",
     "tracker_project_name",
@@ -929,6 +936,23 @@ class TrainConfig(Section):
                 "distillation_config.gen_cls_loss_weight > 0 with gradient_checkpointing and a LoRA student and "
                 "critic on one base: the student's backward recomputes both adapters' forwards, but the base holds "
                 "one active adapter; turn gradient_checkpointing off, or use a full student or a full-copy critic"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_scope(self):
+        if not self.run.fsdp:
+            return self
+        if self.student.model_type == "lora" and self.distillation_config.fake_score_lora_rank is not None:
+            raise ValueError(
+                "fsdp: true shards the full copies, and with model_type: lora and a LoRA critic "
+                "(distillation_config.fake_score_lora_rank set) there are none; set fsdp: false, or model_type: full"
+            )
+        if self.validation.validation_prompt or self.validation.validation_prompt_library:
+            # validation samples on the main process alone, and a sharded student runs only on all of them at once
+            raise ValueError(
+                "fsdp: true with validation_prompt / validation_prompt_library: validation during a sharded run is "
+                "not supported; set both to null and evaluate the exported student (dmd evaluate)"
             )
         return self
 

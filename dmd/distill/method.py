@@ -172,10 +172,13 @@ class DMDMethod:
         head = list(self.gan_head.parameters()) if self.gan_head is not None else []
         return self.roles.critic_parameters() + head
 
-    def generator_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """L = L_dmd (+ regression_loss_weight · L_reg); the gradient reaches only the student's exit steps."""
+    def generator_loss(
+        self, batch, generator: torch.Generator, exits_generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """L = L_dmd (+ regression_loss_weight · L_reg); the gradient reaches only the student's exit steps.
+        `exits_generator` draws the exit steps when they must not depend on the process (see `_rollout`)."""
         cond = self._conditioning(batch, generator)
-        x0_student, exits = self._rollout(cond, generator)
+        x0_student, exits = self._rollout(cond, generator, exits_generator)
         if self.config.critic_reuses_generator_rollout:
             self._keep_for_critic(_Rollout(batch, cond, x0_student.detach(), exits))
         b = x0_student.shape[0]
@@ -225,7 +228,9 @@ class DMDMethod:
         metrics["generator_loss"] = float(loss.detach())
         return loss, metrics
 
-    def critic_loss(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(
+        self, batch, generator: torch.Generator, exits_generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Flow-matching loss of the critic on a detached rollout of the student: the generator step's own on this
         batch under critic_reuses_generator_rollout, else a fresh one. With guidance_cls_loss_weight, plus the GAN
         head's real-vs-student loss (real: the cached teacher clips, noised to the same σ)."""
@@ -235,7 +240,7 @@ class DMDMethod:
         else:
             cond = self._conditioning(batch, generator)
             with torch.no_grad():
-                x0_student, exits = self._rollout(cond, generator)
+                x0_student, exits = self._rollout(cond, generator, exits_generator)
         sigma = self._score_sigmas(x0_student.shape[0], exits, generator)
         noise = self._randn(x0_student.shape, generator)
         x_sigma = add_noise(x0_student, noise, sigma)
@@ -296,12 +301,17 @@ class DMDMethod:
             teacher_prompt_embeds_BLD=teacher_prompts,
         )
 
-    def _rollout(self, cond: _Conditioning, generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    def _rollout(
+        self, cond: _Conditioning, generator: torch.Generator, exits_generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The student's clip and its blocks' exit steps. The exits set how many times the student runs; from
+        `exits_generator` (one per step, the same on every process) every process runs it equally often, which
+        sharded weights need (each forward all-gathers them)."""
         n_blocks = len(self.schedule.block_ranges(cond.rollout_shape[2]))
         exits = choose_exit_indices(
             self.schedule.num_steps,
             n_blocks,
-            generator,
+            exits_generator or generator,
             same_step_across_blocks=self.config.same_step_across_blocks,
             last_step_only=self.config.last_step_only,
         )

@@ -107,6 +107,14 @@ class Roles:
             return list(self.critic_copy.parameters())
         return _adapter_parameters(self.base, CRITIC_ADAPTER)
 
+    def shard_copies(self, shard: Callable[[torch.nn.Module], None]) -> None:
+        """Apply `shard` (train.fsdp) to the full copies; the base, frozen and shared by the adapters, stays whole.
+        Sharding replaces the copies' parameters, so the trainable list is taken again."""
+        for copy_ in (self.student_copy, self.critic_copy):
+            if copy_ is not None:
+                shard(copy_)
+        self._trainable = self.student_parameters() + self.critic_parameters()
+
     def activate_student(self) -> None:
         """Leave the base in the student's state (e.g. before saving or sampling with the base module)."""
         if self.student_adapter is not None:

@@ -188,25 +188,29 @@ def rollout(
         else:
             x, first = add_noise(start_latents_BCTHW[:, :, start:end], noise, schedule.sigmas[k]), k
         if causal is None:
-            context = None
-            if blocks:
-                clean = torch.cat(blocks, dim=2).detach()
-                context = add_noise(
-                    clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
-                )
+            context = _noised_context(torch.cat(blocks, dim=2), schedule, generator) if blocks else None
             x0 = _denoise_steps(model, x, first, k, prompt_embeds_BLD, schedule, generator, context)
         else:
             with causal.attend(cache):
                 x0 = _denoise_steps(model, x, first, k, prompt_embeds_BLD, schedule, generator)
             if end < noise_BCTHW.shape[2]:  # the last block's keys and values would never be read
-                clean = x0.detach()
-                context = add_noise(
-                    clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma
-                )
                 with causal.fill(cache):
-                    denoise_block(model, context, schedule.context_sigma, prompt_embeds_BLD)
+                    denoise_block(
+                        model,
+                        _noised_context(x0, schedule, generator),
+                        schedule.context_sigma,
+                        prompt_embeds_BLD,
+                    )
         blocks.append(x0)
     return torch.cat(blocks, dim=2)
+
+
+def _noised_context(
+    clean_BCTHW: torch.Tensor, schedule: RolloutSchedule, generator: torch.Generator
+) -> torch.Tensor:
+    """Finished blocks as the next block sees them: detached, re-noised to `context_noise` with fresh noise."""
+    clean = clean_BCTHW.detach()
+    return add_noise(clean, randn(clean.shape, generator, clean.device, clean.dtype), schedule.context_sigma)
 
 
 def _denoise_steps(

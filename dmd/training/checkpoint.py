@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from dmd.core.io import atomic_dir, write_json, write_safetensors
+from dmd.training.sharding import gather_full
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,20 @@ class CheckpointManager:
         """Parts by name, loaded in this order; a None part is one this run does not have (no EMA)."""
         self.parts.update({name: part for name, part in parts.items() if part is not None})
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int, write: bool = True) -> Path | None:
         """Checkpoint `step` of every registered part; None, and nothing written, when any weights are not finite
-        (a checkpoint is a state to go back to)."""
+        (a checkpoint is a state to go back to) or on a process that does not `write`. Sharded tensors are
+        gathered whole (every process of a sharded run must call this; only the writing one keeps them)."""
         weights, state = {}, {}
         for name, part in self.parts.items():
-            part_state = dict(part.state_dict())
+            part_state = gather_full(dict(part.state_dict()), keep=write)
+            if not write:
+                continue
             if "weights" in part_state:
                 weights[name] = part_state.pop("weights")
             state[name] = part_state
+        if not write:
+            return None
         if not all(bool(torch.isfinite(t).all()) for group in weights.values() for t in group.values()):
             log.warning("step %d: no checkpoint, the weights hold non-finite values", step)
             return None

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from dmd.training.sharding import copy_full_into
+
 
 def ema_decay_at(update: int, decay: float) -> float:
     """The decay of the `update`-th fold (1, 2, …): 0 for the first, then min(decay, (1 + n)/(10 + n)) with
@@ -80,5 +82,5 @@ class EMA:
                 "the checkpoint comes from a different model (check train.model_type / lora_rank)"
             )
         for s, tensor in zip(self.shadow, shadows):
-            s.copy_(tensor)
+            copy_full_into(s, tensor)  # a sharded student's shadows are sharded alike
         self.num_calls = int(state["num_calls"])

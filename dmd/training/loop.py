@@ -8,16 +8,18 @@ validation, webhooks, hub pushes) is a callback (dmd/training/callbacks.py). One
 
 Randomness: every draw of step s on process r comes from a CPU `torch.Generator` seeded from (train.seed, s, r),
 so a resumed run draws exactly what the uninterrupted run drew; the data position, optimizers, schedulers, EMA
-and global RNG states come from the checkpoint. On CPU a resumed run is bit-identical.
+and global RNG states come from the checkpoint. On CPU a resumed run is bit-identical. On several processes the
+student's exit steps come from one generator of (train.seed, s) shared by all: every process then runs the
+student equally often, which sharded weights need and Self-Forcing does too.
 
 Length: `max_train_steps` when set; otherwise `num_train_epochs` × (batches per epoch per process ÷
 gradient_accumulation_steps). With both set, `ignore_final_epochs: true` lets max_train_steps decide and `false`
 ends at whichever comes first.
 
 Processes: run under torchrun (dmd/training/launch.py; the train flow does that for `train.num_processes > 1`, or
-`accelerate launch` across machines), every process
-holds all weights, gradients are averaged across processes before each update, and only the main process
-validates, writes checkpoints, tracks and exports.
+`accelerate launch` across machines), every process holds all weights, or, with `train.fsdp`, its shard of the
+full copies (dmd/training/sharding.py); gradients are averaged across processes before each update, and only
+the main process validates, writes checkpoints, tracks and exports (sharded tensors are gathered to it).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from dmd.core.config import Params, TrainConfig, dump
 from dmd.training.callbacks import Callback, Callbacks, ProgressBar
 from dmd.training.optim import TrainableGroup, UpdateResult, build_groups
+from dmd.training.sharding import is_sharded, shard_transformer, unsharded_copy
 
 log = logging.getLogger("dmd.training.loop")  # the same name under `python -m dmd.training.loop`
 
@@ -130,6 +133,11 @@ def train(params: Params, *, progress: bool = True) -> Path:
             id(m): m for m in (roles.base, roles.student_copy, roles.critic_copy) if m is not None
         }.values():
             module.enable_gradient_checkpointing()
+    sharded = cfg.run.fsdp and acc.num_processes > 1
+    if sharded:
+        roles.shard_copies(partial(shard_transformer, device=acc.device))
+    elif cfg.run.fsdp:
+        log.info("train.fsdp: one process, nothing to shard; the full copies stay whole")
     schedule = RolloutSchedule.from_params(params)
     method = DMDMethod(params, roles, schedule, cache.negative_prompt_embeds, cache.empty_prompt_embeds)
     loader = CacheLoader(
@@ -152,15 +160,16 @@ def train(params: Params, *, progress: bool = True) -> Path:
         for step in range(state.step, total_steps):
             started = time.perf_counter()
             batches = [next(data) for _ in range(cfg.batch.gradient_accumulation_steps)]
-            generator = step_generator(cfg.run.seed, step, acc.process_index)
+            draws = dict(
+                generator=step_generator(cfg.run.seed, step, acc.process_index),
+                exits_generator=shared_step_generator(cfg.run.seed, step) if acc.num_processes > 1 else None,
+            )
             updates: dict[str, UpdateResult] = {}
             if method.updates_generator(step):
-                updates["student"] = student.update(
-                    partial(method.generator_loss, generator=generator), batches
-                )
+                updates["student"] = student.update(partial(method.generator_loss, **draws), batches)
                 if ema is not None and updates["student"].finite:
                     ema.step()
-            updates["critic"] = critic.update(partial(method.critic_loss, generator=generator), batches)
+            updates["critic"] = critic.update(partial(method.critic_loss, **draws), batches)
             check_finite(state, updates, step, cfg, checkpoints, main)
             state.step = step + 1
             callbacks.on_log(
@@ -172,10 +181,10 @@ def train(params: Params, *, progress: bool = True) -> Path:
                     callbacks.on_checkpoint(state.step, path)
             callbacks.on_step_end(state.step)
             acc.wait_for_everyone()
-        if main:
+        if main or sharded:  # a sharded student is gathered by every process
             roles.activate_student()
             exports_ema = ema is not None and ema.num_updates > 0
-            if ema is not None and not exports_ema:
+            if main and ema is not None and not exports_ema:
                 log.warning(
                     "train.ema_update_interval=%d is more than the run's %d student steps: the EMA never folded "
                     "the weights in, so the live weights are exported",
@@ -183,9 +192,15 @@ def train(params: Params, *, progress: bool = True) -> Path:
                     ema.num_calls,
                 )
             with ema.swapped_in() if exports_ema else contextlib.nullcontext():
-                export_student(
-                    roles.student_transformer, params, schedule, student_dir, ema=exports_ema, step=state.step
+                transformer = (
+                    unsharded_copy(roles.student_transformer, keep=main)
+                    if sharded
+                    else roles.student_transformer
                 )
+                if main:
+                    export_student(
+                        transformer, params, schedule, student_dir, ema=exports_ema, step=state.step
+                    )
         acc.wait_for_everyone()
     except BaseException as error:
         callbacks.on_train_end(state, None, error)
@@ -245,6 +260,13 @@ def build_callbacks(params: Params, acc, state: RunState, schedule, roles, ema, 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator of all draws of one step on one process, a function of (seed, step, rank) only."""
     mixed = np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(mixed))
+
+
+def shared_step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of the draws of one step that every process must make alike (the exit steps), a function of
+    (seed, step) only and apart from every process's own (a spawn key no `step_generator` entropy carries)."""
+    mixed = np.random.SeedSequence([seed, step], spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator("cpu").manual_seed(int(mixed))
 
 
@@ -466,14 +488,18 @@ def _latest_on_trajectory(
 
 
 def weights_digest(params: list[torch.Tensor]) -> str:
+    """A digest of the whole (unsharded) weights among `params`: a sharded weight differs across processes by
+    design, and FSDP keeps its shards consistent."""
     digest = hashlib.sha256()
     for p in params:
-        digest.update(p.detach().float().cpu().numpy().tobytes())
+        if not is_sharded(p):
+            digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def verify_replicas(acc, student: TrainableGroup, critic: TrainableGroup) -> None:
-    """Every process must hold the same student and critic weights; a clear error when they diverged."""
+    """Every process must hold the same student and critic weights (their unsharded ones); a clear error when
+    they diverged."""
     if acc.num_processes == 1:
         return
     from accelerate.utils import gather_object
@@ -489,14 +515,14 @@ def verify_replicas(acc, student: TrainableGroup, critic: TrainableGroup) -> Non
 def save_checkpoint(checkpoints, state: RunState, acc, student, critic) -> Path | None:
     """Checkpoint every registered part; the path, or None on other processes and when nothing was written.
 
-    All processes hold the same weights (checked), so the main process's copy is the run's state. Not during a
-    non-finite streak: a checkpoint is a state to go back to (the manager also refuses non-finite weights).
-    Every process takes the same decision (the same counters, identical replicas)."""
+    All processes hold the same weights (checked), so the main process's copy is the run's state; sharded weights
+    are gathered to it. Not during a non-finite streak: a checkpoint is a state to go back to (the manager also
+    refuses non-finite weights). Every process takes the same decision (the same counters, identical replicas)."""
     if state.consecutive_nonfinite:
         log.warning("step %d: no checkpoint during a run of non-finite steps", state.step)
         return None
     verify_replicas(acc, student, critic)
-    return checkpoints.save(state.step) if acc.is_main_process else None
+    return checkpoints.save(state.step, write=acc.is_main_process)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import torch
 from transformers import get_scheduler
 
 from dmd.core.config import Params, TrainConfig
+from dmd.training.sharding import copy_full_into, is_sharded, shard_optimizer_state, sharded_grad_norm
 
 # train.lr_scheduler values → transformers' scheduler names (they share the names; listed so a new value fails here)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_min_lr")
@@ -147,19 +148,32 @@ def build_lr_scheduler(
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of the gradients (0 when there are none); non-finite when any gradient is."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    """The global L2 norm of the gradients (0 when there are none); non-finite when any gradient is. Sharded
+    gradients (train.fsdp) count with all their shards, so every process gets the same norm."""
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
+    sharded = [p.grad for p in params if is_sharded(p.grad)]
+    norm = torch.tensor(0.0)
+    if grads:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    if sharded:
+        norm = torch.linalg.vector_norm(torch.stack([norm.cpu(), sharded_grad_norm(sharded)]))
+    return norm
 
 
-def clip_gradients(params: Sequence[torch.Tensor], method: str, limit: float) -> None:
-    """`norm`: rescale all gradients so their global L2 norm is at most `limit`; `value`: clamp each element to
-    [−limit, limit]. `limit` 0 disables clipping."""
+def clip_gradients(
+    params: Sequence[torch.Tensor], method: str, limit: float, norm: torch.Tensor | None = None
+) -> None:
+    """`norm`: rescale all gradients so their global L2 norm (`norm`, measured before) is at most `limit`;
+    `value`: clamp each element to [−limit, limit]. `limit` 0 disables clipping."""
     if limit <= 0:
         return
-    if method == "norm":
+    if method == "norm" and any(is_sharded(p.grad) for p in params):
+        # torch's clip_grad_norm_ cannot mix sharded and whole gradients; the same rescaling, on the global norm
+        scale = torch.clamp(limit / (norm + 1e-6), max=1.0).item()
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    elif method == "norm":
         torch.nn.utils.clip_grad_norm_(params, limit, foreach=False)
     elif method == "value":
         torch.nn.utils.clip_grad_value_(params, limit, foreach=False)
@@ -184,8 +198,9 @@ class TrainableGroup:
     `update(loss_fn, batches)` sums the gradients of `loss_fn(batch)/len(batches)` over the micro-batches (so
     accumulating n micro-batches of size b equals one batch of n·b for a per-sample-mean loss), averages
     gradients and loss across processes with one all-reduce per bucket (DDP's arithmetic; the models are not
-    wrapped because student, real score and critic share one base module), then skips the step when anything is
-    non-finite, else clips and steps. Every process takes the same decision because it sees the same sums.
+    wrapped in DDP because student, real score and critic share one base module; sharded gradients come averaged
+    from FSDP), then skips the step when anything is non-finite, else clips and steps. Every process takes the
+    same decision because it sees the same sums.
 
     `before_backward` restores the module state the loss's graph was built in: with gradient checkpointing the
     backward pass re-runs the forward, and by then the loss function may have switched LoRA adapters.
@@ -239,10 +254,10 @@ class TrainableGroup:
             raise ValueError(
                 f"the {self.name} weights there do not match this model (other model_type or rank?)"
             )
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                p.copy_(saved[f"{i:05d}"])
+        for i, p in enumerate(self.params):
+            copy_full_into(p, saved[f"{i:05d}"])
         self.optimizer.load_state_dict(state["optimizer"])
+        shard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def update(self, loss_fn: Callable, batches: Sequence) -> UpdateResult:
@@ -269,7 +284,7 @@ class TrainableGroup:
         norm = grad_norm(self.params)
         loss_ok, grads_ok = bool(torch.isfinite(total_loss)), bool(torch.isfinite(norm))
         if loss_ok and grads_ok:
-            clip_gradients(self.params, self.clip_method, self.clip_limit)
+            clip_gradients(self.params, self.clip_method, self.clip_limit, norm)
             self.optimizer.step()
             self.scheduler.step()
         elif loss_ok and scaler is not None:
@@ -284,11 +299,12 @@ class TrainableGroup:
         return self.accelerator.autocast()
 
     def _all_reduce_mean(self, loss: torch.Tensor) -> torch.Tensor:
-        """Average gradients (and the loss) across processes; a no-op for one process."""
+        """Average gradients (and the loss) across processes; a no-op for one process. Sharded gradients are
+        averaged by FSDP's reduce-scatter already."""
         acc = self.accelerator
         if acc is None or acc.num_processes == 1:
             return loss
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None and not is_sharded(p.grad)]
         buckets: list[list[torch.Tensor]] = [[]]
         size = 0
         for g in grads:
@@ -298,7 +314,11 @@ class TrainableGroup:
             buckets[-1].append(g)
             size += g.numel()
         for i, bucket in enumerate(buckets):
-            flat = torch.cat([g.reshape(-1).float() for g in bucket])
+            flat = (
+                torch.cat([g.reshape(-1).float() for g in bucket])
+                if bucket
+                else torch.zeros(0, device=acc.device)
+            )
             if i == 0:  # the loss rides along, so every process sees the same mean loss and the same decision
                 flat = torch.cat([flat, loss.to(flat.device).reshape(1)])
             flat = acc.reduce(flat, reduction="mean")

@@ -89,19 +89,22 @@ def build_transformer(
     attention_head_dim: int = 12,
     ffn_dim: int = 48,
     seed: int = 0,
+    freq_dim: int = 32,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+    rope_max_seq_len: int = 64,
 ) -> WanTransformer3DModel:
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
+        patch_size=patch_size,
         num_attention_heads=num_attention_heads,
         attention_head_dim=attention_head_dim,
         in_channels=in_channels,
         out_channels=in_channels,
         text_dim=text_dim,
-        freq_dim=32,
+        freq_dim=freq_dim,
         ffn_dim=ffn_dim,
         num_layers=num_layers,
-        rope_max_seq_len=64,
+        rope_max_seq_len=rope_max_seq_len,
     )
 
 
