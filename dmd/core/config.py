@@ -941,18 +941,14 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _fsdp_scope(self):
-        if not self.run.fsdp:
-            return self
-        if self.student.model_type == "lora" and self.distillation_config.fake_score_lora_rank is not None:
+        if (
+            self.run.fsdp
+            and self.student.model_type == "lora"
+            and self.distillation_config.fake_score_lora_rank is not None
+        ):
             raise ValueError(
                 "fsdp: true shards the full copies, and with model_type: lora and a LoRA critic "
                 "(distillation_config.fake_score_lora_rank set) there are none; set fsdp: false, or model_type: full"
-            )
-        if self.validation.validation_prompt or self.validation.validation_prompt_library:
-            # validation samples on the main process alone, and a sharded student runs only on all of them at once
-            raise ValueError(
-                "fsdp: true with validation_prompt / validation_prompt_library: validation during a sharded run is "
-                "not supported; set both to null and evaluate the exported student (dmd evaluate)"
             )
         return self
 

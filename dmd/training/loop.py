@@ -152,7 +152,7 @@ def train(params: Params, *, progress: bool = True) -> Path:
                          settings=RunSettings(params, acc.num_processes, initial_student), rng=GlobalRNG())  # fmt: skip
     held = checkpoints.hold() if main else None  # one run per checkpoint folder; released when this run ends
     resume(params, checkpoints, loader.fingerprint, main, total_steps, student, critic)
-    callbacks = build_callbacks(params, acc, state, schedule, roles, ema, progress)
+    callbacks = build_callbacks(params, acc, state, schedule, roles, ema, progress, sharded)
     data = iter(loader)
     student_dir = Path(cfg.run.output_dir)
     try:
@@ -236,9 +236,12 @@ def planned_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return cfg.run.max_train_steps or by_epochs
 
 
-def build_callbacks(params: Params, acc, state: RunState, schedule, roles, ema, progress: bool) -> Callbacks:
+def build_callbacks(
+    params: Params, acc, state: RunState, schedule, roles, ema, progress: bool, sharded: bool = False
+) -> Callbacks:
     """The run's side effects, on the main process only: webhook events, tracking, the progress bar,
-    validation, hub pushes."""
+    validation, hub pushes. A sharded student validates on every process (each forward gathers its weights),
+    and the main one writes the videos."""
     from dmd.training.hub import HubPusher
     from dmd.training.tracking import Tracker
     from dmd.training.validation import Validation, has_validation
@@ -251,8 +254,8 @@ def build_callbacks(params: Params, acc, state: RunState, schedule, roles, ema, 
     state.wandb_run_id = tracker.wandb_run_id
     bar = ProgressBar(state.total_steps, log, initial=state.step, enabled=main and progress)
     callbacks: list[Callback] = [notify, tracker, bar]
-    if main and has_validation(params):
-        callbacks.append(Validation(params, acc.device, schedule, roles, ema, tracker, notify))
+    if (main or sharded) and has_validation(params):
+        callbacks.append(Validation(params, acc.device, schedule, roles, ema, tracker, notify, write=main))
     callbacks.append(HubPusher(cfg, enabled=main))
     return Callbacks(callbacks)
 

@@ -135,7 +135,9 @@ class Validator:
         return ["ema"] if mode == "ema_only" else ["live", "ema"]
 
     @torch.no_grad()
-    def run(self, step: int, transformer, ema: EMA | None) -> ValidationResult:
+    def run(self, step: int, transformer, ema: EMA | None, write: bool = True) -> ValidationResult | None:
+        """Sample every prompt with every weight variant; decode, write and judge them where `write` (the other
+        processes of a sharded run only take part in the student's forwards), else return None."""
         cfg = self.params.train
         shape = video_latent_shape(self.params, transformer, self.vae)
         folder = self.root / f"step-{step:07d}"
@@ -156,14 +158,18 @@ class Validator:
                             negative_embeds_1LD=self.negative,
                             guidance=cfg.validation.validation_guidance,
                         )
+                        if not write:
+                            continue
                         clip = self.decode(latents)[0]
                         key = f"{variant}-{name}"
                         clips[key] = clip
                         videos[key] = write_video(folder / f"{key}.mp4", clip, fps=self.params.generate.fps)
-                if self.world is not None:
+                if write and self.world is not None:
                     scores.update(self._judge(variant, [clips[f"{variant}-{n}"] for n in self.embeds]))
         finally:
             transformer.train(was_training)
+        if not write:
+            return None
         grid_path = folder / "grid.png"
         with atomic_path(grid_path) as tmp:
             Image.fromarray(frame_grid(list(clips.values()))).save(tmp, format="PNG")
@@ -185,9 +191,18 @@ class Validation(Callback):
     `disable_benchmark`), reporting to the tracker and the webhook."""
 
     def __init__(
-        self, params: Params, device, schedule: RolloutSchedule, roles, ema: EMA | None, tracker, notify
+        self,
+        params: Params,
+        device,
+        schedule: RolloutSchedule,
+        roles,
+        ema: EMA | None,
+        tracker,
+        notify,
+        write: bool = True,
     ):
         self.validator = Validator(params, device, schedule)
+        self.write = write
         self.roles, self.ema, self.tracker, self.notify = roles, ema, tracker, notify
         self.interval = params.train.validation.validation_step_interval
         self.before_training = not params.train.validation.disable_benchmark
@@ -203,7 +218,9 @@ class Validation(Callback):
 
     def validate(self, step: int) -> None:
         self.roles.activate_student()
-        result = self.validator.run(step, self.roles.student_transformer, self.ema)
+        result = self.validator.run(step, self.roles.student_transformer, self.ema, write=self.write)
+        if result is None:
+            return
         self.tracker.log_media({"validation/grid": result.grid}, result.videos, step, fps=self.fps)
         if result.scores:
             self.tracker.log(result.scores, step)
