@@ -24,10 +24,11 @@ STEPS = 3
 
 
 def _full_copies(world: dict, **train) -> dict:
-    """A full student and a full-copy critic, random exit steps per time block (two blocks), the EMA exported."""
+    """A full student and a full-copy critic, random exit steps per time block (two blocks), gradient checkpointing
+    (the 14B recipe's), the EMA exported."""
     distillation = {**world["train"]["distillation_config"], "fake_score_lora_rank": None}
     return dict(model_type="full", distillation_config=distillation, max_train_steps=STEPS, train_batch_size=1,
-                checkpoint_step_interval=1, use_ema=True, **train)  # fmt: skip
+                checkpoint_step_interval=1, use_ema=True, gradient_checkpointing=True, **train)  # fmt: skip
 
 
 def _train(params_file) -> str:

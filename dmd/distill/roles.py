@@ -107,14 +107,6 @@ class Roles:
             return list(self.critic_copy.parameters())
         return _adapter_parameters(self.base, CRITIC_ADAPTER)
 
-    def shard_copies(self, shard: Callable[[torch.nn.Module], None]) -> None:
-        """Apply `shard` (train.fsdp) to the full copies; the base, frozen and shared by the adapters, stays whole.
-        Sharding replaces the copies' parameters, so the trainable list is taken again."""
-        for copy_ in (self.student_copy, self.critic_copy):
-            if copy_ is not None:
-                shard(copy_)
-        self._trainable = self.student_parameters() + self.critic_parameters()
-
     def activate_student(self) -> None:
         """Leave the base in the student's state (e.g. before saving or sampling with the base module)."""
         if self.student_adapter is not None:
@@ -173,11 +165,14 @@ def make_roles(
     base: WanTransformer3DModel,
     train: TrainConfig,
     quantize_base: Callable[[WanTransformer3DModel], WanTransformer3DModel] | None = None,
+    shard: Callable[[WanTransformer3DModel], None] | None = None,
 ) -> Roles:
     """Wire the roles on a loaded teacher (frozen here), per `train.model_type` and the critic keys.
 
     `quantize_base` (an int8-quanto base) runs after the full copies are taken, so a full student or a full-copy
-    critic trains float weights while the teacher and the adapters' base are int8."""
+    critic trains float weights while the teacher and the adapters' base are int8. `shard` (train.fsdp) shards
+    each full copy as soon as it is taken, so at most the teacher and one whole copy are in memory at once; the
+    base, frozen and shared by the adapters, stays whole."""
     dc = train.distillation_config
     full_student = train.student.model_type == "full"
     lora_critic = dc.fake_score_lora_rank is not None
@@ -185,8 +180,12 @@ def make_roles(
     student_copy = critic_copy = None
     if full_student:
         student_copy = copy.deepcopy(base).train().requires_grad_(True)
+        if shard is not None:
+            shard(student_copy)
     if not lora_critic:
         critic_copy = copy.deepcopy(base).train().requires_grad_(True)
+        if shard is not None:
+            shard(critic_copy)
     if quantize_base is not None:
         base = quantize_base(base).eval().requires_grad_(False)  # quanto's new weights come back trainable
     with warnings.catch_warnings():
@@ -210,18 +209,24 @@ def make_roles(
     return roles
 
 
-def build_roles(params: Params, device: str | torch.device = "cpu") -> Roles:
-    """Load the teacher (at `model.base_model_precision`) and wire the three roles on it.
+def build_roles(
+    params: Params,
+    device: str | torch.device = "cpu",
+    shard: Callable[[WanTransformer3DModel], None] | None = None,
+) -> Roles:
+    """Load the teacher (at `model.base_model_precision`) and wire the three roles on it (`shard`: make_roles).
 
     An int8-quanto base computes in the run's mixed precision (quanto's int8 kernels take activations of their
     scales' dtype), and is quantized only after the full copies, if any, are taken from its float weights."""
     model = params.model
     if model.base_model_precision != "int8-quanto":
-        return make_roles(load_transformer(model, device), params.train)
+        return make_roles(load_transformer(model, device), params.train, shard=shard)
     base = load_transformer(
         model,
         device,
         int8_float_dtype=MIXED_PRECISION_DTYPES[params.train.run.mixed_precision],
         quantize=False,
     )
-    return make_roles(base, params.train, quantize_base=lambda m: place_int8(m, model.quantize_via, device))
+    return make_roles(
+        base, params.train, quantize_base=lambda m: place_int8(m, model.quantize_via, device), shard=shard
+    )

@@ -126,18 +126,18 @@ def train(params: Params, *, progress: bool = True) -> Path:
     main = acc.is_main_process
     set_seed(cfg.run.seed)  # the same LoRA initialisation on every process
     cache = open_cache(params.cache.output_dir)
-    roles = build_roles(params, acc.device)
+    sharded = cfg.run.fsdp and acc.num_processes > 1
+    if cfg.run.fsdp and not sharded:
+        log.info("train.fsdp: one process, nothing to shard; the full copies stay whole")
+    roles = build_roles(
+        params, acc.device, partial(shard_transformer, device=acc.device) if sharded else None
+    )
     initial_student = load_initial_student(params, roles.student_transformer)
     if cfg.student.gradient_checkpointing:
         for module in {
             id(m): m for m in (roles.base, roles.student_copy, roles.critic_copy) if m is not None
         }.values():
             module.enable_gradient_checkpointing()
-    sharded = cfg.run.fsdp and acc.num_processes > 1
-    if sharded:
-        roles.shard_copies(partial(shard_transformer, device=acc.device))
-    elif cfg.run.fsdp:
-        log.info("train.fsdp: one process, nothing to shard; the full copies stay whole")
     schedule = RolloutSchedule.from_params(params)
     method = DMDMethod(params, roles, schedule, cache.negative_prompt_embeds, cache.empty_prompt_embeds)
     loader = CacheLoader(

@@ -31,6 +31,7 @@ from dmd.data.cache.loader import Batch, CacheLoader, open_cache
 from dmd.distill.roles import STUDENT_ADAPTER
 from dmd.distill.rollout import RolloutSchedule, transformer_velocity
 from dmd.training.optim import build_optimizer
+from dmd.training.sharding import copy_full_into
 from dmd.wan.causal import block_causal
 from dmd.wan.device import pick_device
 from dmd.wan.formats import LORA_WEIGHTS, load_lora_weights, save_lora_weights
@@ -147,8 +148,9 @@ def load_initial_student(params: Params, student_transformer) -> str | None:
     if params.train.student.model_type == "lora":
         load_lora_weights(student_transformer, out / LORA_WEIGHTS, STUDENT_ADAPTER)
     else:
-        trained = load_transformer_folder(out, params.model.base_model_precision)
-        student_transformer.load_state_dict(trained.state_dict())
+        trained = load_transformer_folder(out, params.model.base_model_precision).state_dict()
+        for name, tensor in student_transformer.state_dict().items():
+            copy_full_into(tensor, trained[name])  # into its shard when the student is sharded (train.fsdp)
     log.info("the student starts from the ODE initialisation in %s (%d steps)", out, card["steps"])
     return card["weights_sha256"]
 
