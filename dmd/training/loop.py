@@ -19,7 +19,8 @@ ends at whichever comes first.
 Processes: run under torchrun (dmd/training/launch.py; the train flow does that for `train.num_processes > 1`, or
 `accelerate launch` across machines), every process holds all weights, or, with `train.fsdp`, its shard of the
 full copies (dmd/training/sharding.py); gradients are averaged across processes before each update, and only
-the main process validates, writes checkpoints, tracks and exports (sharded tensors are gathered to it).
+the main process validates, writes checkpoints, tracks and exports (sharded tensors are gathered to it, and every
+process runs a sharded student's validation samples with it).
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ What changes for the rest of the run lives here, next to the sharding:
   (`copy_full_into`, `shard_optimizer_state`), so a sharded checkpoint has the layout of an unsharded one;
 - the export gathers the student's full state dict and writes it from an unsharded copy (`unsharded_copy`).
 
+Outside this module: the exit steps are drawn alike on every process (dmd/training/loop.py), since each sharded
+forward is a collective that every process must make, and validation runs on every process for the same reason
+(dmd/training/validation.py).
+
 Only parameters that are DTensors are touched, so an unsharded run goes through these functions unchanged.
 """
 
