@@ -353,12 +353,8 @@ def run(args, threads: int) -> int:
     )
     log.info("teacher data: %d clips with trajectories in %.0f s", num_clips, time.perf_counter() - started)
 
-    held_out = held_out_set(teacher, world, args.eval_seeds, base.evaluate.seed)
-    eval_captions, eval_embeds, eval_noise, reference = (
-        held_out.captions,
-        held_out.embeds,
-        held_out.noise,
-        held_out.reference,
+    eval_captions, eval_embeds, eval_noise, reference = held_out_set(
+        teacher, world, args.eval_seeds, base.evaluate.seed
     )
     extra_noise = torch.randn(
         (

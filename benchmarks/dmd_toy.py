@@ -34,6 +34,7 @@ import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -114,17 +115,19 @@ def summarise(result: dict) -> dict:
     return {**{k: result[k] for k in keep}, **{f"acc_{a}": result["accuracy"][a] for a in ATTRIBUTES}}
 
 
-def held_out_set(teacher: Teacher, world: ToyWorld, seeds_per_caption: int, seed: int) -> SimpleNamespace:
+class HeldOut(NamedTuple):
+    captions: list[str]
+    embeds: torch.Tensor
+    noise: torch.Tensor
+    reference: list[np.ndarray]
+
+
+def held_out_set(teacher: Teacher, world: ToyWorld, seeds_per_caption: int, seed: int) -> HeldOut:
     """The held-out captions, each `seeds_per_caption` times, their prompt embeddings, one initial noise per clip
     (the same for every run judged on it) and the world's reference clips of those captions."""
     captions = [c for c in world.captions("held_out") for _ in range(seeds_per_caption)]
     noise = torch.randn((len(captions), *teacher.latent_shape), generator=torch.Generator().manual_seed(seed))
-    return SimpleNamespace(
-        captions=captions,
-        embeds=teacher.encode(captions),
-        noise=noise,
-        reference=reference_clips(world, captions),
-    )
+    return HeldOut(captions, teacher.encode(captions), noise, reference_clips(world, captions))
 
 
 def train_student(params: Params, data: SimpleNamespace, steps: int) -> tuple[object, float, list]:
@@ -234,12 +237,8 @@ def main() -> int:
         latents=latents, embeds=embeds, noise=noise, captions=captions, negative=negative, empty=empty
     )
 
-    held_out = held_out_set(teacher, world, args.seeds, base.evaluate.seed)
-    eval_captions, eval_embeds, eval_noise, reference = (
-        held_out.captions,
-        held_out.embeds,
-        held_out.noise,
-        held_out.reference,
+    eval_captions, eval_embeds, eval_noise, reference = held_out_set(
+        teacher, world, args.seeds, base.evaluate.seed
     )
     rows, grids = {}, {}
     machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__)

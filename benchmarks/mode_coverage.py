@@ -134,12 +134,8 @@ def main() -> int:
         latents=latents, embeds=embeds, noise=noise, captions=captions, negative=negative, empty=empty
     )
 
-    held_out = held_out_set(teacher, world, args.eval_seeds, base.evaluate.seed)
-    eval_captions, eval_embeds, eval_noise, reference = (
-        held_out.captions,
-        held_out.embeds,
-        held_out.noise,
-        held_out.reference,
+    eval_captions, eval_embeds, eval_noise, reference = held_out_set(
+        teacher, world, args.eval_seeds, base.evaluate.seed
     )
 
     def decode(latents_BCTHW: torch.Tensor) -> list[np.ndarray]:
